@@ -1,0 +1,192 @@
+"""The inference worker process (`python -m hearth_agent.worker`): probes its own sandbox, keeps
+models warm, and embeds batches on request. It speaks newline-delimited JSON with the supervisor:
+
+    worker → agent   {"type": "ready", "pid", "probe": {...}, "torch_version", "device", "gpus", "threads"}
+    agent  → worker  {"type": "embed", "id", "model_dir", "model_sha256", "inputs": [str]}
+    worker → agent   {"type": "result", "id", "count", "dimension", "embeddings_b64", "compute_ms",
+                      "load_ms", "model_loads", "warm": [model sha256], "device"}
+                   | {"type": "error", "id", "reason", "retryable"}
+    agent  → worker  {"type": "probe", "id", "addr": "host:port"}   (re-check network isolation)
+    worker → agent   {"type": "probe", "id", "net_reachable": bool}
+
+Only this module imports torch: the agent process stays small and never runs model code.
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import ctypes
+import errno
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import IO, Any
+
+PR_SET_PDEATHSIG = 1
+
+
+def set_parent_death_signal() -> None:
+    """Ask the kernel to SIGKILL us when our parent dies, so an agent crash never leaves a worker behind."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # Not Linux: the supervisor's kill on exit is the only guard.
+
+
+def probe_sandbox(env: dict[str, str]) -> dict[str, Any]:
+    """Test the sandbox from the inside; the agent compares the answers with what it expected."""
+    result: dict[str, Any] = {}
+    addr = env.get("HEARTH_PROBE_ADDR")
+    if addr:
+        host, _, port = addr.rpartition(":")
+        try:
+            with socket.create_connection((host, int(port)), timeout=2.0):
+                result["net_reachable"] = True
+        except OSError as exc:
+            result["net_reachable"] = False
+            result["net_error"] = exc.__class__.__name__
+    ro_path = env.get("HEARTH_PROBE_RO_PATH")
+    if ro_path:
+        try:
+            fd = os.open(ro_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.close(fd)
+            result["ro_writable"] = True
+        except OSError as exc:
+            result["ro_writable"] = exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM)
+    marker = env.get("HEARTH_PROBE_TMP_MARKER")
+    if marker:
+        result["tmp_marker_visible"] = os.path.exists(marker)
+    return result
+
+
+class Worker:
+    """Holds warm models (LRU, bounded) and embeds batches."""
+
+    def __init__(self, *, device: str, max_models: int) -> None:
+        self.device = device
+        self.max_models = max_models
+        self.models: collections.OrderedDict[str, Any] = collections.OrderedDict()
+        self.loads = 0
+
+    def model_for(self, model_dir: str, key: str) -> tuple[Any, float]:
+        if key in self.models:
+            self.models.move_to_end(key)
+            return self.models[key], 0.0
+        from sentence_transformers import SentenceTransformer
+
+        started = time.perf_counter()
+        model = SentenceTransformer(
+            model_dir,
+            device=self.device,
+            local_files_only=True,
+            trust_remote_code=False,
+            # Belt and braces with the cache's refusal of pickles: transformers must not fall back to torch.load.
+            model_kwargs={"use_safetensors": True},
+        )
+        model.eval()
+        load_ms = (time.perf_counter() - started) * 1000
+        self.loads += 1
+        self.models[key] = model
+        while len(self.models) > self.max_models:
+            self.models.popitem(last=False)
+        return model, load_ms
+
+    def embed(self, request: dict[str, Any]) -> dict[str, Any]:
+        import numpy as np
+        import torch
+
+        inputs = request["inputs"]
+        if not isinstance(inputs, list) or not all(isinstance(i, str) for i in inputs):
+            raise ValueError("inputs must be a list of strings")
+        model, load_ms = self.model_for(str(request["model_dir"]), str(request.get("model_sha256") or request["model_dir"]))
+        started = time.perf_counter()
+        with torch.inference_mode():
+            # The model's own pipeline (incl. its Normalize module, if any) decides normalization.
+            vectors = model.encode(inputs, convert_to_numpy=True, show_progress_bar=False)
+        compute_ms = (time.perf_counter() - started) * 1000
+        dimension = model.get_sentence_embedding_dimension()
+        array = np.asarray(vectors, dtype="<f4").reshape(len(inputs), -1) if inputs else np.zeros((0, dimension), "<f4")
+        return {
+            "type": "result",
+            "id": request["id"],
+            "count": int(array.shape[0]),
+            "dimension": int(array.shape[1] if array.shape[0] else dimension or 0),
+            "embeddings_b64": base64.b64encode(array.tobytes()).decode("ascii"),
+            "compute_ms": compute_ms,
+            "load_ms": load_ms,
+            "model_loads": self.loads,
+            "warm": list(self.models),
+            "device": self.device,
+        }
+
+
+def _send(channel: IO[str], message: dict[str, Any]) -> None:
+    channel.write(json.dumps(message) + "\n")
+    channel.flush()
+
+
+def main() -> int:
+    set_parent_death_signal()
+    # Libraries print to stdout; keep the protocol on a private dup and send fd 1 to stderr.
+    channel = os.fdopen(os.dup(1), "w", encoding="utf-8")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+
+    probe = probe_sandbox(dict(os.environ))
+
+    import torch
+
+    if threads := os.environ.get("HEARTH_WORKER_THREADS"):
+        torch.set_num_threads(max(1, int(threads)))
+    device = os.environ.get("HEARTH_WORKER_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    gpus = []
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(index)
+            gpus.append({"name": props.name, "memory_mb": int(props.total_memory // (1024 * 1024))})
+    import sentence_transformers  # noqa: F401  (pay the import cost before saying ready)
+
+    worker = Worker(device=device, max_models=int(os.environ.get("HEARTH_WORKER_MAX_MODELS", "2")))
+    _send(
+        channel,
+        {
+            "type": "ready",
+            "pid": os.getpid(),
+            "probe": probe,
+            "torch_version": str(torch.__version__),
+            "device": device,
+            "gpus": gpus,
+            "threads": torch.get_num_threads(),
+        },
+    )
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        request: dict[str, Any] = {}
+        try:
+            request = json.loads(line)
+            if request.get("type") == "embed":
+                reply = worker.embed(request)
+            elif request.get("type") == "probe":
+                reply = {"type": "probe", "id": request["id"], **probe_sandbox({"HEARTH_PROBE_ADDR": request["addr"]})}
+            else:
+                raise ValueError(f"unknown request type {request.get('type')!r}")
+        except Exception as exc:  # One bad batch must not kill a warm worker.
+            reply = {
+                "type": "error",
+                "id": request.get("id"),
+                "reason": f"{exc.__class__.__name__}: {exc}"[:2000],
+                "retryable": not isinstance(exc, (ValueError, TypeError, KeyError)),
+            }
+        _send(channel, reply)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,13 @@
+from typing import Any
+
+from django.core.management.base import BaseCommand
+
+from marketplace.catalog.services import catalog_builtin_sync
+
+
+class Command(BaseCommand):
+    help = "Register the built-in models (all-MiniLM-L6-v2) in the catalog."
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        for model in catalog_builtin_sync():
+            self.stdout.write(f"{model.name} weights sha256={model.weights_sha256} files={model.files.count()}")

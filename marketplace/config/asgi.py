@@ -1,0 +1,42 @@
+"""ASGI entry point: HTTP through Django, /ws/agent/ through Channels.
+
+Handles the lifespan protocol so the embedded default can run its periodic
+sweeps inside the server process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "marketplace.config.settings")
+
+from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402 - Django must be set up first
+from django.conf import settings  # noqa: E402
+from django.core.asgi import get_asgi_application  # noqa: E402
+
+django_asgi = get_asgi_application()
+
+from marketplace.config import background  # noqa: E402
+from marketplace.gateway.routing import websocket_urlpatterns  # noqa: E402
+
+router = ProtocolTypeRouter({"http": django_asgi, "websocket": URLRouter(websocket_urlpatterns)})
+
+
+async def application(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] != "lifespan":
+        await router(scope, receive, send)
+        return
+    sweeper: asyncio.Task[None] | None = None
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            if settings.HEARTH_BACKGROUND == "inprocess":
+                sweeper = asyncio.create_task(background.run_forever())
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            if sweeper is not None:
+                sweeper.cancel()
+            await send({"type": "lifespan.shutdown.complete"})
+            return

@@ -1,0 +1,33 @@
+"""The periodic work: lease reaper and offline sweeper.
+
+Under Celery, beat schedules `marketplace.jobs.tasks.*`; in the embedded
+default the ASGI process runs the same functions on an asyncio loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from channels.db import database_sync_to_async
+from django.conf import settings
+
+logger = logging.getLogger(__name__)
+
+
+def sweep_once() -> tuple[int, int]:
+    from marketplace.hosts.services import hosts_sweep_offline
+    from marketplace.jobs.services import leases_requeue_expired
+
+    return leases_requeue_expired(), hosts_sweep_offline()
+
+
+async def run_forever() -> None:
+    while True:
+        await asyncio.sleep(settings.HEARTH_SWEEP_INTERVAL_S)
+        try:
+            expired, offline = await database_sync_to_async(sweep_once)()
+            if expired or offline:
+                logger.info("sweep: %d expired leases requeued, %d silent hosts marked offline", expired, offline)
+        except Exception:
+            logger.exception("background sweep failed; retrying next interval")

@@ -1,0 +1,21 @@
+"""The Celery app; beat runs the periodic sweeps when Redis is configured."""
+
+from __future__ import annotations
+
+import os
+
+from celery import Celery
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "marketplace.config.settings")
+
+app = Celery("hearth")
+app.config_from_object("django.conf:settings", namespace="CELERY")
+app.autodiscover_tasks(["marketplace.jobs"])
+
+
+@app.on_after_finalize.connect
+def _schedule(sender: Celery, **kwargs: object) -> None:
+    from django.conf import settings
+
+    interval = settings.HEARTH_SWEEP_INTERVAL_S
+    sender.add_periodic_task(interval, sender.signature("marketplace.jobs.tasks.sweep"), name="sweep")

@@ -1,0 +1,172 @@
+"""Hearth settings, read from the environment.
+
+With no environment at all this is the embedded one-machine setup: SQLite,
+the in-memory channel layer and background work on an in-process loop.
+`DATABASE_URL` switches to PostgreSQL, `REDIS_URL` to channels_redis + Celery.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dj_database_url
+
+from marketplace.config.env import (
+    env_bool,
+    env_choice,
+    env_float,
+    env_int,
+    env_optional,
+    env_str,
+)
+
+BASE_DIR = Path(__file__).resolve().parent.parent.parent
+VAR_DIR = Path(env_str("HEARTH_VAR_DIR", str(BASE_DIR / "var")))
+VAR_DIR.mkdir(parents=True, exist_ok=True)
+
+DEBUG = env_bool("DJANGO_DEBUG", False)
+SECRET_KEY = env_str("DJANGO_SECRET_KEY", "dev-only-insecure-key-change-me-in-production-0123456789")
+ALLOWED_HOSTS = env_str("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1],testserver").split(",")
+CSRF_TRUSTED_ORIGINS = [o for o in env_str("DJANGO_CSRF_TRUSTED_ORIGINS", "").split(",") if o]
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "channels",
+    "marketplace.accounts",
+    "marketplace.catalog",
+    "marketplace.hosts",
+    "marketplace.jobs",
+    "marketplace.matching",
+    "marketplace.gateway",
+    "marketplace.dashboard",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "marketplace.config.urls"
+ASGI_APPLICATION = "marketplace.config.asgi.application"
+AUTH_USER_MODEL = "accounts.User"
+LOGIN_URL = "/login/"
+LOGIN_REDIRECT_URL = "/dashboard/"
+LOGOUT_REDIRECT_URL = "/"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "frontend" / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+DATABASE_URL = env_optional("DATABASE_URL")
+if DATABASE_URL:
+    DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=0)}
+    DATABASES["default"].setdefault("TEST", {})
+else:
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": env_str("HEARTH_SQLITE_PATH", str(VAR_DIR / "hearth.sqlite3")),
+            "OPTIONS": {
+                # Several threads (consumers, API, background loop) write at once:
+                # WAL lets readers proceed, IMMEDIATE avoids upgrade deadlocks.
+                "transaction_mode": "IMMEDIATE",
+                "timeout": 30,
+                "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+            },
+        }
+    }
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+REDIS_URL = env_optional("REDIS_URL")
+if REDIS_URL:
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [REDIS_URL], "capacity": 1000, "expiry": 30},
+        }
+    }
+else:
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+
+# Background work: Celery worker + beat on Redis, or an in-process loop.
+HEARTH_BACKGROUND = env_choice("HEARTH_BACKGROUND", "celery" if REDIS_URL else "inprocess", ("celery", "inprocess"))
+CELERY_BROKER_URL = REDIS_URL or "memory://"
+CELERY_RESULT_BACKEND = None
+CELERY_TASK_ALWAYS_EAGER = HEARTH_BACKGROUND == "inprocess"
+CELERY_TASK_ACKS_LATE = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+HEARTH_SWEEP_INTERVAL_S = env_float("HEARTH_SWEEP_INTERVAL_S", 2.0, minimum=0.1)
+
+# Dispatch and agents.
+HEARTH_HEARTBEAT_INTERVAL_S = env_float("HEARTH_HEARTBEAT_INTERVAL_S", 10.0, minimum=0.1)
+HEARTH_OFFLINE_AFTER_BEATS = env_int("HEARTH_OFFLINE_AFTER_BEATS", 3, minimum=2)
+HEARTH_LEASE_SECONDS = env_float("HEARTH_LEASE_SECONDS", 120.0, minimum=1.0)
+HEARTH_MAX_ATTEMPTS = env_int("HEARTH_MAX_ATTEMPTS", 3, minimum=1)
+HEARTH_ENROLLMENT_TOKEN_TTL_S = env_int("HEARTH_ENROLLMENT_TOKEN_TTL_S", 24 * 3600, minimum=60)
+
+# Job limits.
+HEARTH_DEFAULT_TASK_SIZE = env_int("HEARTH_DEFAULT_TASK_SIZE", 64, minimum=1)
+HEARTH_MAX_TASK_SIZE = env_int("HEARTH_MAX_TASK_SIZE", 1024, minimum=1)
+HEARTH_MAX_JOB_ITEMS = env_int("HEARTH_MAX_JOB_ITEMS", 100_000, minimum=1)
+HEARTH_MAX_ITEM_CHARS = env_int("HEARTH_MAX_ITEM_CHARS", 20_000, minimum=1)
+HEARTH_MAX_UPLOAD_BYTES = env_int("HEARTH_MAX_UPLOAD_BYTES", 32 * 1024 * 1024, minimum=1024)
+# Django must let big bodies through so the API can answer 413 itself.
+DATA_UPLOAD_MAX_MEMORY_SIZE = HEARTH_MAX_UPLOAD_BYTES + 1024 * 1024
+FILE_UPLOAD_MAX_MEMORY_SIZE = 4 * 1024 * 1024
+
+HEARTH_PUBLIC_URL = env_str("HEARTH_PUBLIC_URL", "http://127.0.0.1:8000")
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "marketplace.accounts.authentication.ApiKeyAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+        "rest_framework.authentication.BasicAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "EXCEPTION_HANDLER": "marketplace.config.api_errors.exception_handler",
+}
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator", "OPTIONS": {"min_length": 8}},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+STATIC_URL = "static/"
+STATICFILES_DIRS = [BASE_DIR / "frontend" / "static"]
+STATIC_ROOT = VAR_DIR / "static"
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env_str("HEARTH_LOG_LEVEL", "INFO")},
+    "loggers": {"django.db.backends": {"level": "WARNING"}},
+}

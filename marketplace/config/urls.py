@@ -1,0 +1,30 @@
+from django.contrib import admin
+from django.urls import include, path
+
+from marketplace.accounts.apis import ApiKeyListCreateApi, ApiKeyRevokeApi, SignupApi
+from marketplace.catalog.apis import CatalogListApi, ModelFileApi, ModelManifestApi
+from marketplace.hosts.apis import AgentEnrollApi, EnrollmentTokenCreateApi, HostListApi, HostRevokeApi
+from marketplace.jobs.apis import JobCancelApi, JobDetailApi, JobListCreateApi, JobResultsApi
+
+api_v1 = [
+    path("auth/signup", SignupApi.as_view(), name="signup"),
+    path("keys", ApiKeyListCreateApi.as_view(), name="api-keys"),
+    path("keys/<int:key_id>/revoke", ApiKeyRevokeApi.as_view(), name="api-key-revoke"),
+    path("models", CatalogListApi.as_view(), name="models"),
+    path("jobs", JobListCreateApi.as_view(), name="jobs"),
+    path("jobs/<str:job_id>", JobDetailApi.as_view(), name="job-detail"),
+    path("jobs/<str:job_id>/results", JobResultsApi.as_view(), name="job-results"),
+    path("jobs/<str:job_id>/cancel", JobCancelApi.as_view(), name="job-cancel"),
+    path("hosts", HostListApi.as_view(), name="hosts"),
+    path("hosts/enrollment-tokens", EnrollmentTokenCreateApi.as_view(), name="enrollment-tokens"),
+    path("hosts/<str:host_id>/revoke", HostRevokeApi.as_view(), name="host-revoke"),
+    path("agents/enroll", AgentEnrollApi.as_view(), name="agent-enroll"),
+    path("agents/models/<str:sha256>", ModelManifestApi.as_view(), name="model-manifest"),
+]
+
+urlpatterns = [
+    path("admin/", admin.site.urls),
+    path("api/v1/", include(api_v1)),
+    path("models/<str:sha256>", ModelFileApi.as_view(), name="model-file"),
+    path("", include("marketplace.dashboard.urls")),
+]

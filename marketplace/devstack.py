@@ -1,0 +1,279 @@
+"""A whole Hearth on one machine, as real processes: the demo and the integration tests use it.
+
+It prepares a database (a SQLite file, or a fresh PostgreSQL database when
+`DATABASE_URL` is set), starts uvicorn on a free loopback port (plus a Celery
+worker with beat when `REDIS_URL` is set), and starts `hearth-agent`
+processes that enroll through the public API. It talks to the server only
+over HTTP and websockets, as users and agents do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _child_env(extra: dict[str, str]) -> dict[str, str]:
+    env = dict(os.environ)
+    paths = [str(ROOT), str(ROOT / "agent")]
+    if env.get("PYTHONPATH"):
+        paths.append(env["PYTHONPATH"])
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+def _postgres_database(base_url: str, name: str, *, create: bool) -> str:
+    """Create (or drop) a database beside the one in `base_url`; return its URL."""
+    import psycopg
+
+    parts = urlsplit(base_url)
+    with psycopg.connect(base_url, autocommit=True) as conn:
+        if create:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        else:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+@dataclass
+class AgentProcess:
+    name: str
+    home: Path
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@dataclass
+class LocalStack:
+    """Start with `start()`, stop with `stop()`; `url` is the server's base URL."""
+
+    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="hearth-stack-")))
+    settings_env: dict[str, str] = field(default_factory=dict)
+    port: int = 0
+    quiet: bool = True
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    agents: list[AgentProcess] = field(default_factory=list)
+    _pg_database: str | None = None
+    _env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    # ---- lifecycle ----
+
+    def start(self) -> LocalStack:
+        self.port = self.port or free_port()
+        env = {
+            "HEARTH_VAR_DIR": str(self.workdir / "var"),
+            "HEARTH_PUBLIC_URL": f"http://127.0.0.1:{self.port}",
+            **self.settings_env,
+        }
+        base_db = os.environ.get("DATABASE_URL")
+        if base_db:
+            self._pg_database = f"hearth_stack_{uuid.uuid4().hex[:10]}"
+            env["DATABASE_URL"] = _postgres_database(base_db, self._pg_database, create=True)
+        else:
+            env["HEARTH_SQLITE_PATH"] = str(self.workdir / "hearth.sqlite3")
+        self._env = _child_env(env)
+        manage = [sys.executable, str(ROOT / "manage.py")]
+        subprocess.run([*manage, "migrate", "--noinput", "-v0"], env=self._env, check=True, cwd=ROOT)
+        subprocess.run([*manage, "catalog_sync"], env=self._env, check=True, cwd=ROOT, capture_output=True)
+        self._spawn(
+            "server",
+            [
+                sys.executable, "-m", "uvicorn", "marketplace.config.asgi:application",
+                "--host", "127.0.0.1", "--port", str(self.port), "--lifespan", "on",
+                "--ws-max-size", str(32 * 1024 * 1024),
+            ],
+        )
+        if os.environ.get("REDIS_URL") and self._env.get("HEARTH_BACKGROUND", "celery") == "celery":
+            self._spawn(
+                "celery",
+                [
+                    sys.executable, "-m", "celery", "-A", "marketplace.config.celery", "worker", "--beat",
+                    "--pool", "solo", "--loglevel", "INFO",
+                    "--schedule", str(self.workdir / "celerybeat-schedule"),
+                ],
+            )
+        self._wait_http(f"{self.url}/api/v1/models", timeout=60)
+        return self
+
+    def stop(self) -> None:
+        for agent in self.agents:
+            agent.stop()
+        for process in reversed(self.processes):
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGTERM)
+                try:
+                    process.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(process.pid, signal.SIGKILL)
+                    process.wait(timeout=5)
+        if self._pg_database and os.environ.get("DATABASE_URL"):
+            with contextlib.suppress(Exception):
+                _postgres_database(os.environ["DATABASE_URL"], self._pg_database, create=False)
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        log = (self.workdir / f"{name}.log").open("ab")
+        process = subprocess.Popen(
+            argv, cwd=ROOT, env=env or self._env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        self.processes.append(process)
+        return process
+
+    def _wait_http(self, url: str, *, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(p.poll() is not None for p in self.processes):
+                raise RuntimeError(f"a stack process exited early; see logs in {self.workdir}\n{self.logs()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url, timeout=2).status_code == 200:
+                    return
+            time.sleep(0.2)
+        raise TimeoutError(f"{url} did not answer within {timeout}s")
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"==== {path.name}\n{path.read_text(errors='replace')[-6000:]}" for path in sorted(self.workdir.glob("*.log"))
+        )
+
+    # ---- users, through the public API ----
+
+    def client(self, **kwargs: Any) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=60, **kwargs)
+
+    def signup(self, *, email: str, password: str = "correct-horse-battery", role: str = "buyer") -> tuple[str, str]:
+        with self.client() as http:
+            response = http.post("/api/v1/auth/signup", json={"email": email, "password": password, "role": role})
+            response.raise_for_status()
+        return email, password
+
+    def api_key(self, *, email: str, password: str, name: str = "default") -> str:
+        with self.client(auth=(email, password)) as http:
+            response = http.post("/api/v1/keys", json={"name": name})
+            response.raise_for_status()
+            return str(response.json()["key"])
+
+    def buyer(self, email: str | None = None) -> str:
+        """Sign up a buyer and return an API key for them."""
+        email, password = self.signup(email=email or f"buyer-{uuid.uuid4().hex[:8]}@example.com")
+        return self.api_key(email=email, password=password)
+
+    def enrollment_token(self, *, owner: tuple[str, str]) -> str:
+        with self.client(auth=owner) as http:
+            response = http.post("/api/v1/hosts/enrollment-tokens")
+            response.raise_for_status()
+            return str(response.json()["token"])
+
+    # ---- agents, as real processes ----
+
+    def agent_command(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "hearth_agent", *args]
+
+    def enroll_agent(self, *, name: str, token: str) -> Path:
+        home = self.workdir / "agents" / name
+        home.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            self.agent_command("enroll", "--server", self.url, "--token", token, "--name", name, "--home", str(home)),
+            env=self._agent_env(),
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        return home
+
+    def start_agent(self, *, name: str, home: Path, extra_args: tuple[str, ...] = ()) -> AgentProcess:
+        log_path = self.workdir / f"agent-{name}.log"
+        log = log_path.open("ab")
+        process = subprocess.Popen(
+            self.agent_command("run", "--home", str(home), *extra_args),
+            cwd=ROOT,
+            env=self._agent_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        agent = AgentProcess(name=name, home=home, process=process, log_path=log_path)
+        self.agents.append(agent)
+        return agent
+
+    def _agent_env(self) -> dict[str, str]:
+        # Agents share one model cache in the demo and tests, as if the blobs
+        # had been fetched before; each still verifies every digest.
+        env = {key: value for key, value in self._env.items() if key not in {"DATABASE_URL", "REDIS_URL"}}
+        env.setdefault("HEARTH_AGENT_CACHE", str(self.workdir / "agent-cache"))
+        return env
+
+    def wait_hosts_ready(self, *, owner: tuple[str, str], count: int, timeout: float = 120) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        hosts: list[dict[str, Any]] = []
+        with self.client(auth=owner) as http:
+            while time.monotonic() < deadline:
+                hosts = [h for h in http.get("/api/v1/hosts").json() if h["status"] == "online" and h["ready"]]
+                if len(hosts) >= count:
+                    return hosts
+                time.sleep(0.3)
+        raise TimeoutError(f"only {len(hosts)} of {count} agents became ready\n{self.logs()}")
+
+    # ---- jobs, through the public API ----
+
+    def wait_job(self, *, api_key: str, job_id: str, timeout: float = 300, on_progress: Any = None) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        with self.client(headers={"Authorization": f"Bearer {api_key}"}) as http:
+            while time.monotonic() < deadline:
+                job = http.get(f"/api/v1/jobs/{job_id}").json()
+                if on_progress is not None:
+                    on_progress(job)
+                if job["status"] in {"succeeded", "failed", "cancelled"}:
+                    return dict(job)
+                time.sleep(0.2)
+        raise TimeoutError(f"job {job_id} did not finish within {timeout}s\n{self.logs()}")

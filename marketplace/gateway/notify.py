@@ -1,0 +1,53 @@
+"""Messages from sync code (services, tasks) to live agent sockets.
+
+Each host has its own channel; we never fan out through big groups. Sends that
+follow a database change go out on commit, so an agent never hears of a row
+that a rollback removed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+from django.db import transaction
+
+
+def send(channel_name: str, message: dict[str, Any]) -> None:
+    layer = get_channel_layer()
+    if layer is None or not channel_name:
+        return
+    try:
+        async_to_sync(layer.send)(channel_name, message)
+    except Exception:  # noqa: BLE001 - a full or gone channel must not fail the caller's work
+        import logging
+
+        logging.getLogger(__name__).warning("could not send %s to %s", message.get("type"), channel_name)
+
+
+def on_commit_send(channel_name: str, message: dict[str, Any]) -> None:
+    transaction.on_commit(lambda: send(channel_name, message))
+
+
+def close(channel_name: str, code: int) -> None:
+    send(channel_name, {"type": "agent.close", "code": int(code)})
+
+
+def on_commit_close(channel_name: str, code: int) -> None:
+    on_commit_send(channel_name, {"type": "agent.close", "code": int(code)})
+
+
+def poke(channel_names: list[str]) -> None:
+    """Tell agents' consumers that work may be waiting; each claims for itself."""
+    for channel_name in channel_names:
+        send(channel_name, {"type": "dispatch.poke"})
+
+
+def on_commit_poke_dispatchable() -> None:
+    def _poke() -> None:
+        from marketplace.hosts.selectors import host_list_dispatchable
+
+        poke(list(host_list_dispatchable().values_list("channel_name", flat=True)))
+
+    transaction.on_commit(_poke)

@@ -1,0 +1,56 @@
+"""Hosts (home machines), their enrollment tokens and live connection state."""
+
+from __future__ import annotations
+
+import uuid
+
+from django.conf import settings
+from django.db import models
+
+
+class EnrollmentToken(models.Model):
+    """A one-time token a GPU owner hands to `hearth-agent enroll`."""
+
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="enrollment_tokens")
+    prefix = models.CharField(max_length=32)
+    digest = models.CharField(max_length=64, unique=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField()
+    used_at = models.DateTimeField(null=True, blank=True)
+    host = models.OneToOneField("Host", null=True, blank=True, on_delete=models.SET_NULL, related_name="enrollment")
+
+
+class Host(models.Model):
+    class Status(models.TextChoices):
+        OFFLINE = "offline", "Offline"
+        ONLINE = "online", "Online"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="hosts")
+    name = models.CharField(max_length=100)
+    token_prefix = models.CharField(max_length=32)
+    token_digest = models.CharField(max_length=64, unique=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    status = models.CharField(max_length=8, choices=Status.choices, default=Status.OFFLINE, db_index=True)
+    # The channel of the live websocket; frames for this host go here only.
+    channel_name = models.CharField(max_length=200, blank=True, default="")
+    connected_at = models.DateTimeField(null=True, blank=True)
+    last_seen_at = models.DateTimeField(null=True, blank=True)
+    offline_after = models.DateTimeField(null=True, blank=True, db_index=True)
+    ready = models.BooleanField(default=False)
+
+    # What the agent said about itself in `hello`.
+    agent_version = models.CharField(max_length=40, blank=True, default="")
+    slots = models.PositiveSmallIntegerField(default=1)
+    device = models.CharField(max_length=16, blank=True, default="")
+    memory_mb = models.PositiveIntegerField(default=0)
+    capabilities = models.JSONField(default=dict, blank=True)
+    isolation = models.JSONField(default=list, blank=True)
+
+    class Meta:
+        ordering = ["created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.id})"

@@ -1,0 +1,157 @@
+"""Writes for hosts: enrollment, tokens, and the life of an agent connection."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.db import transaction
+from django.utils import timezone
+
+from hearth_agent import protocol
+from marketplace.accounts.models import User
+from marketplace.accounts.tokens import secret_digest, secret_issue
+from marketplace.gateway import notify
+from marketplace.hosts.models import EnrollmentToken, Host
+
+ENROLLMENT_KIND = "he"
+HOST_TOKEN_KIND = "ht"
+
+
+@dataclass(frozen=True)
+class CreatedEnrollmentToken:
+    token: EnrollmentToken
+    plaintext: str
+
+
+def enrollment_token_create(*, owner: User) -> CreatedEnrollmentToken:
+    issued = secret_issue(ENROLLMENT_KIND)
+    token = EnrollmentToken.objects.create(
+        owner=owner,
+        prefix=issued.prefix,
+        digest=issued.digest,
+        expires_at=timezone.now() + timedelta(seconds=settings.HEARTH_ENROLLMENT_TOKEN_TTL_S),
+    )
+    return CreatedEnrollmentToken(token=token, plaintext=issued.plaintext)
+
+
+@dataclass(frozen=True)
+class EnrolledHost:
+    host: Host
+    host_token: str
+
+
+@transaction.atomic
+def host_enroll(*, enrollment_token: str, name: str) -> EnrolledHost:
+    """Exchange a one-time enrollment token for a host and its long-lived token.
+
+    The conditional update on `used_at IS NULL` makes the exchange happen once
+    even when two agents race with the same token.
+    """
+    name = name.strip()[:100]
+    if not name:
+        raise ValidationError({"name": ["a machine needs a name"]})
+    now = timezone.now()
+    token = EnrollmentToken.objects.filter(digest=secret_digest(enrollment_token)).first()
+    if token is None or token.expires_at <= now:
+        raise ValidationError({"token": ["enrollment token is invalid or expired"]})
+    claimed = EnrollmentToken.objects.filter(pk=token.pk, used_at__isnull=True).update(used_at=now)
+    if claimed != 1:
+        raise ValidationError({"token": ["enrollment token was already used"]})
+    issued = secret_issue(HOST_TOKEN_KIND)
+    host = Host.objects.create(owner=token.owner, name=name, token_prefix=issued.prefix, token_digest=issued.digest)
+    EnrollmentToken.objects.filter(pk=token.pk).update(host=host)
+    return EnrolledHost(host=host, host_token=issued.plaintext)
+
+
+def host_authenticate(*, host_token: str) -> Host | None:
+    return Host.objects.filter(token_digest=secret_digest(host_token), revoked_at__isnull=True).first()
+
+
+@transaction.atomic
+def host_token_revoke(*, host: Host) -> Host:
+    """Revoke the host's token; its live socket is closed after commit."""
+    from marketplace.jobs.services import tasks_requeue_for_host
+
+    Host.objects.filter(pk=host.pk, revoked_at__isnull=True).update(
+        revoked_at=timezone.now(), status=Host.Status.OFFLINE, ready=False, channel_name=""
+    )
+    tasks_requeue_for_host(host_id=host.pk, reason="host token revoked")
+    if host.channel_name:
+        notify.on_commit_close(host.channel_name, protocol.CloseCode.TOKEN_REVOKED)
+    host.refresh_from_db()
+    return host
+
+
+def _offline_after(now: datetime) -> datetime:
+    beats = settings.HEARTH_OFFLINE_AFTER_BEATS * settings.HEARTH_HEARTBEAT_INTERVAL_S
+    return now + timedelta(seconds=beats)
+
+
+@transaction.atomic
+def host_connect(*, host_id: object, channel_name: str, hello: protocol.HelloPayload) -> Host:
+    """Record a new live connection; an older connection of the same host is closed."""
+    host = Host.objects.select_for_update().get(pk=host_id)
+    if host.channel_name and host.channel_name != channel_name:
+        notify.on_commit_close(host.channel_name, protocol.CloseCode.REPLACED)
+    now = timezone.now()
+    host.channel_name = channel_name
+    host.status = Host.Status.ONLINE
+    host.ready = False
+    host.connected_at = now
+    host.last_seen_at = now
+    host.offline_after = _offline_after(now)
+    host.agent_version = hello.agent_version
+    host.slots = hello.slots
+    host.device = hello.device
+    host.memory_mb = hello.memory_mb
+    host.isolation = list(hello.isolation)
+    host.capabilities = hello.model_dump(mode="json", exclude={"slots", "isolation"})
+    host.save()
+    return host
+
+
+def host_ready(*, host_id: object, channel_name: str, payload: protocol.ReadyPayload) -> None:
+    Host.objects.filter(pk=host_id, channel_name=channel_name).update(ready=True, isolation=list(payload.isolation))
+
+
+def host_heartbeat(*, host_id: object, channel_name: str, payload: protocol.HeartbeatPayload) -> None:
+    """Push `offline_after` forward and renew the leases the agent says it holds."""
+    from marketplace.jobs.services import leases_renew
+
+    now = timezone.now()
+    Host.objects.filter(pk=host_id, channel_name=channel_name).update(
+        last_seen_at=now, offline_after=_offline_after(now), status=Host.Status.ONLINE
+    )
+    if payload.running:
+        leases_renew(host_id=host_id, lease_ids=payload.running, now=now)
+
+
+@transaction.atomic
+def host_disconnect(*, host_id: object, channel_name: str, reason: str) -> bool:
+    """Mark the host offline and requeue its leases, unless a newer connection took over."""
+    from marketplace.jobs.services import tasks_requeue_for_host
+
+    gone = Host.objects.filter(pk=host_id, channel_name=channel_name).update(
+        status=Host.Status.OFFLINE, ready=False, channel_name=""
+    )
+    if gone:
+        tasks_requeue_for_host(host_id=host_id, reason=reason)
+    return bool(gone)
+
+
+def hosts_sweep_offline(*, now: datetime | None = None) -> int:
+    """Hosts whose heartbeats stopped: offline, leases requeued, socket closed."""
+    now = now or timezone.now()
+    stale = list(
+        Host.objects.filter(status=Host.Status.ONLINE, offline_after__lt=now).values_list("pk", "channel_name")
+    )
+    swept = 0
+    for host_id, channel_name in stale:
+        if host_disconnect(host_id=host_id, channel_name=channel_name, reason="heartbeats stopped"):
+            swept += 1
+            if channel_name:
+                notify.close(channel_name, protocol.CloseCode.GOING_AWAY)
+    return swept

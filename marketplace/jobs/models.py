@@ -1,0 +1,66 @@
+"""Jobs (a buyer's batch) and tasks (the shards hosts lease and run)."""
+
+from __future__ import annotations
+
+import uuid
+
+from django.conf import settings
+from django.db import models
+
+from marketplace.jobs.states import JobStatus, TaskStatus
+
+
+class Job(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    buyer = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="jobs")
+    model = models.ForeignKey("catalog.CatalogModel", on_delete=models.PROTECT, related_name="jobs")
+    status = models.CharField(max_length=10, choices=JobStatus.choices, default=JobStatus.QUEUED, db_index=True)
+    task_size = models.PositiveIntegerField()
+    items_total = models.PositiveIntegerField()
+    items_done = models.PositiveIntegerField(default=0)
+    failure_reason = models.TextField(blank=True, default="")
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"job {self.id} ({self.status})"
+
+
+class Task(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="tasks")
+    index = models.PositiveIntegerField(help_text="position of the task within its job")
+    first_item = models.PositiveIntegerField(help_text="index of the task's first input within the job")
+    inputs = models.JSONField()
+    item_count = models.PositiveIntegerField()
+    status = models.CharField(max_length=10, choices=TaskStatus.choices, default=TaskStatus.QUEUED)
+    attempt = models.PositiveSmallIntegerField(default=0, help_text="how many leases it has had")
+
+    lease_id = models.UUIDField(null=True, blank=True, unique=True)
+    leased_to = models.ForeignKey(
+        "hosts.Host", null=True, blank=True, on_delete=models.SET_NULL, related_name="leased_tasks"
+    )
+    lease_expires_at = models.DateTimeField(null=True, blank=True, db_index=True)
+    assigned_at = models.DateTimeField(null=True, blank=True)
+
+    output = models.BinaryField(null=True, blank=True, help_text="little-endian float32 vectors")
+    output_sha256 = models.CharField(max_length=64, blank=True, default="")
+    dimension = models.PositiveIntegerField(null=True, blank=True)
+    compute_ms = models.FloatField(null=True, blank=True)
+    completed_by = models.ForeignKey(
+        "hosts.Host", null=True, blank=True, on_delete=models.SET_NULL, related_name="completed_tasks"
+    )
+    completed_at = models.DateTimeField(null=True, blank=True)
+    last_error = models.TextField(blank=True, default="")
+
+    class Meta:
+        ordering = ["job", "index"]
+        constraints = [models.UniqueConstraint(fields=["job", "index"], name="unique_task_index_per_job")]
+        indexes = [models.Index(fields=["status", "job"], name="task_status_job")]
+
+    def __str__(self) -> str:
+        return f"task {self.index} of {self.job_id} ({self.status})"

@@ -1,0 +1,60 @@
+"""Reads for jobs: listings, progress, and results in input order."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+from django.db.models import Count, QuerySet
+
+from marketplace.accounts.models import User
+from marketplace.jobs.models import Job, Task
+from marketplace.jobs.states import TaskStatus
+
+
+def job_list_for_buyer(*, buyer: User) -> QuerySet[Job]:
+    return Job.objects.filter(buyer=buyer).select_related("model")
+
+
+def job_get_for_buyer(*, buyer: User, job_id: str) -> Job | None:
+    """The buyer's own job, or None (another tenant's job looks like no job)."""
+    try:
+        key = uuid.UUID(str(job_id))
+    except ValueError:
+        return None
+    return job_list_for_buyer(buyer=buyer).filter(pk=key).first()
+
+
+def job_task_counts(*, job: Job) -> dict[str, int]:
+    counts = {status: 0 for status in TaskStatus.values}
+    for row in Task.objects.filter(job=job).values("status").annotate(n=Count("id")):
+        counts[row["status"]] = row["n"]
+    return counts
+
+
+def job_summary(*, job: Job) -> dict[str, Any]:
+    return {
+        "id": str(job.pk),
+        "status": job.status,
+        "model": job.model.name,
+        "task_size": job.task_size,
+        "items_total": job.items_total,
+        "items_done": job.items_done,
+        "tasks": job_task_counts(job=job),
+        "failure_reason": job.failure_reason,
+        "created_at": job.created_at,
+        "started_at": job.started_at,
+        "finished_at": job.finished_at,
+    }
+
+
+def job_results_jsonl(*, job: Job) -> Iterator[str]:
+    """One line per input, in input order: {"index": i, "embedding": [...]}."""
+    tasks = Task.objects.filter(job=job, status=TaskStatus.SUCCEEDED).order_by("index")
+    for task in tasks.only("first_item", "output", "dimension", "item_count").iterator(chunk_size=16):
+        vectors = np.frombuffer(bytes(task.output), dtype="<f4").reshape(task.item_count, task.dimension)
+        for offset, vector in enumerate(vectors):
+            yield json.dumps({"index": task.first_item + offset, "embedding": vector.tolist()}) + "\n"

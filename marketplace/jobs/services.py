@@ -1,0 +1,265 @@
+"""Writes for jobs and tasks: submit, cancel, results, failures, requeues.
+
+Every change of a task's state is a conditional UPDATE on the state (and the
+lease) it expects, so two processes can never both move the same task.
+Services that finish or fail a job lock the job row first; that serialises
+the "was this the last task?" question per job.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.db import transaction
+from django.db.models import F
+from django.utils import timezone
+
+from hearth_agent import protocol
+from marketplace.accounts.models import User
+from marketplace.catalog.models import CatalogModel
+from marketplace.catalog.selectors import catalog_model_get_by_name
+from marketplace.gateway import notify
+from marketplace.jobs.models import Job, Task
+from marketplace.jobs.states import JOB_ACTIVE, JOB_TRANSITIONS, JobStatus, TaskStatus, sources_of
+
+logger = logging.getLogger(__name__)
+
+
+# ---- submit ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    model: CatalogModel
+    inputs: list[str]
+    task_size: int
+
+
+class JobTooLarge(ValueError):
+    """The job exceeds a size limit; the API answers 413."""
+
+
+def check_job_spec(*, model_name: str, inputs: object, task_size: int | None) -> JobSpec:
+    """Validate a job request; raise ValidationError naming the field, or JobTooLarge."""
+    model = catalog_model_get_by_name(name=model_name) if isinstance(model_name, str) else None
+    if model is None:
+        raise ValidationError({"model": [f"unknown model {model_name!r}; see GET /api/v1/models"]})
+    if not isinstance(inputs, list) or not inputs:
+        raise ValidationError({"inputs": ["inputs must be a non-empty list of strings"]})
+    if len(inputs) > settings.HEARTH_MAX_JOB_ITEMS:
+        raise JobTooLarge(f"inputs has {len(inputs)} items; the limit is {settings.HEARTH_MAX_JOB_ITEMS}")
+    for position, item in enumerate(inputs):
+        if not isinstance(item, str):
+            raise ValidationError({"inputs": [f"item {position} is {type(item).__name__}, not a string"]})
+        if not item.strip():
+            raise ValidationError({"inputs": [f"item {position} is empty"]})
+        if len(item) > settings.HEARTH_MAX_ITEM_CHARS:
+            raise JobTooLarge(
+                f"inputs item {position} has {len(item)} characters; the limit is {settings.HEARTH_MAX_ITEM_CHARS}"
+            )
+    size = settings.HEARTH_DEFAULT_TASK_SIZE if task_size is None else task_size
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= settings.HEARTH_MAX_TASK_SIZE:
+        raise ValidationError({"task_size": [f"task_size must be an integer from 1 to {settings.HEARTH_MAX_TASK_SIZE}"]})
+    return JobSpec(model=model, inputs=inputs, task_size=size)
+
+
+@transaction.atomic
+def job_submit(*, buyer: User, spec: JobSpec) -> Job:
+    """Create the job and its tasks in one transaction, then wake the agents."""
+    job = Job.objects.create(
+        buyer=buyer, model=spec.model, task_size=spec.task_size, items_total=len(spec.inputs)
+    )
+    Task.objects.bulk_create(
+        Task(
+            job=job,
+            index=task_index,
+            first_item=start,
+            inputs=spec.inputs[start : start + spec.task_size],
+            item_count=len(spec.inputs[start : start + spec.task_size]),
+        )
+        for task_index, start in enumerate(range(0, len(spec.inputs), spec.task_size))
+    )
+    notify.on_commit_poke_dispatchable()
+    return job
+
+
+# ---- cancel and fail --------------------------------------------------------
+
+
+def _job_finish(*, job_id: uuid.UUID, status: str, reason: str, now: datetime) -> bool:
+    """Move an active job to a final state and stop its remaining tasks. Needs the job row locked."""
+    moved = Job.objects.filter(pk=job_id, status__in=sources_of(JOB_TRANSITIONS, status)).update(
+        status=status, failure_reason=reason, finished_at=now
+    )
+    if not moved:
+        return False
+    task_status = TaskStatus.CANCELLED if status == JobStatus.CANCELLED else TaskStatus.FAILED
+    leased = list(
+        Task.objects.filter(job_id=job_id, status=TaskStatus.LEASED)
+        .select_related("leased_to")
+        .values_list("id", "lease_id", "leased_to__channel_name")
+    )
+    Task.objects.filter(job_id=job_id, status__in=[TaskStatus.QUEUED, TaskStatus.LEASED]).update(
+        status=task_status, lease_expires_at=None, last_error=reason
+    )
+    for task_id, lease_id, channel_name in leased:
+        if channel_name:
+            notify.on_commit_send(
+                channel_name,
+                {"type": "task.cancel", "task_id": str(task_id), "lease_id": str(lease_id), "reason": reason},
+            )
+    return True
+
+
+@transaction.atomic
+def job_cancel(*, job: Job) -> Job:
+    """Cancel an active job; a finished job is left as it is (idempotent)."""
+    Job.objects.select_for_update().filter(pk=job.pk).first()
+    _job_finish(job_id=job.pk, status=JobStatus.CANCELLED, reason="cancelled by the buyer", now=timezone.now())
+    job.refresh_from_db()
+    return job
+
+
+# ---- leases: release, requeue, renew ------------------------------------------
+
+
+def _task_release(*, task: Task, reason: str, now: datetime) -> str:
+    """Give a leased task back: requeue it, or fail the job once attempts run out.
+
+    Needs the task's job row locked. Returns the task's new status, or "" when
+    the lease had already moved on (someone else released or finished it).
+    """
+    if task.attempt >= settings.HEARTH_MAX_ATTEMPTS:
+        failed = _job_finish(
+            job_id=task.job_id,
+            status=JobStatus.FAILED,
+            reason=f"task {task.index} failed after {task.attempt} attempts; last error: {reason}",
+            now=now,
+        )
+        return TaskStatus.FAILED if failed else ""
+    moved = Task.objects.filter(pk=task.pk, status=TaskStatus.LEASED, lease_id=task.lease_id).update(
+        status=TaskStatus.QUEUED, lease_id=None, leased_to=None, lease_expires_at=None, last_error=reason
+    )
+    return TaskStatus.QUEUED if moved else ""
+
+
+def _release_all(tasks: list[Task], *, reason: str, now: datetime) -> int:
+    released = 0
+    for task in tasks:
+        with transaction.atomic():
+            Job.objects.select_for_update().filter(pk=task.job_id).first()
+            if _task_release(task=task, reason=reason, now=now):
+                released += 1
+    if released:
+        notify.on_commit_poke_dispatchable()
+    return released
+
+
+def tasks_requeue_for_host(*, host_id: object, reason: str) -> int:
+    """Requeue every lease a host holds (it went away or lost its token)."""
+    tasks = list(Task.objects.filter(status=TaskStatus.LEASED, leased_to_id=host_id))
+    return _release_all(tasks, reason=reason, now=timezone.now())
+
+
+def leases_requeue_expired(*, now: datetime | None = None) -> int:
+    """Requeue tasks whose lease deadline passed without a result."""
+    now = now or timezone.now()
+    tasks = list(Task.objects.filter(status=TaskStatus.LEASED, lease_expires_at__lt=now))
+    return _release_all(tasks, reason="lease expired", now=now)
+
+
+def leases_renew(*, host_id: object, lease_ids: list[str], now: datetime) -> int:
+    """Extend leases the agent reports holding; only its own, only while leased."""
+    valid: list[uuid.UUID] = []
+    for lease_id in lease_ids:
+        try:
+            valid.append(uuid.UUID(lease_id))
+        except ValueError:
+            continue
+    return Task.objects.filter(leased_to_id=host_id, status=TaskStatus.LEASED, lease_id__in=valid).update(
+        lease_expires_at=now + timedelta(seconds=settings.HEARTH_LEASE_SECONDS)
+    )
+
+
+# ---- results ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ResultOutcome:
+    accepted: bool
+    reason: str = ""
+    job_finished: bool = False
+
+
+def _leased_task(*, host_id: object, task_id: str, lease_id: str) -> Task | None:
+    try:
+        return Task.objects.select_related("job__model").get(
+            pk=uuid.UUID(task_id), lease_id=uuid.UUID(lease_id), leased_to_id=host_id, status=TaskStatus.LEASED
+        )
+    except (ValueError, Task.DoesNotExist):
+        return None
+
+
+@transaction.atomic
+def task_result_accept(*, host_id: object, payload: protocol.TaskResultPayload) -> ResultOutcome:
+    """Store a result from the current leaseholder; anyone else is refused."""
+    task = _leased_task(host_id=host_id, task_id=payload.task_id, lease_id=payload.lease_id)
+    if task is None:
+        return ResultOutcome(False, "not the current leaseholder of this task")
+    try:
+        vectors = protocol.decode_embeddings(payload)
+    except protocol.ProtocolError as exc:
+        return ResultOutcome(False, str(exc))
+    if payload.count != task.item_count:
+        return ResultOutcome(False, f"result has {payload.count} vectors for {task.item_count} inputs")
+    if payload.dimension != task.job.model.dimension:
+        return ResultOutcome(False, f"dimension {payload.dimension}, model has {task.job.model.dimension}")
+
+    Job.objects.select_for_update().filter(pk=task.job_id).first()
+    now = timezone.now()
+    stored = Task.objects.filter(pk=task.pk, status=TaskStatus.LEASED, lease_id=task.lease_id).update(
+        status=TaskStatus.SUCCEEDED,
+        output=vectors,
+        output_sha256=payload.output_sha256,
+        dimension=payload.dimension,
+        compute_ms=payload.compute_ms,
+        completed_by_id=host_id,
+        completed_at=now,
+        lease_expires_at=None,
+    )
+    if not stored:
+        return ResultOutcome(False, "lease moved on before the result arrived")
+    Job.objects.filter(pk=task.job_id).update(items_done=F("items_done") + task.item_count)
+    finished = False
+    if not Task.objects.filter(job_id=task.job_id).exclude(status=TaskStatus.SUCCEEDED).exists():
+        finished = bool(
+            Job.objects.filter(pk=task.job_id, status__in=JOB_ACTIVE).update(
+                status=JobStatus.SUCCEEDED, finished_at=now
+            )
+        )
+    return ResultOutcome(True, job_finished=finished)
+
+
+@transaction.atomic
+def task_fail(*, host_id: object, payload: protocol.TaskFailedPayload) -> ResultOutcome:
+    """The leaseholder reports a failure: requeue (bounded) or fail the job."""
+    task = _leased_task(host_id=host_id, task_id=payload.task_id, lease_id=payload.lease_id)
+    if task is None:
+        return ResultOutcome(False, "not the current leaseholder of this task")
+    Job.objects.select_for_update().filter(pk=task.job_id).first()
+    reason = f"agent reported: {payload.reason}"
+    status = _task_release(task=task, reason=reason, now=timezone.now())
+    if status == TaskStatus.QUEUED:
+        notify.on_commit_poke_dispatchable()
+    return ResultOutcome(bool(status), "" if status else "lease moved on")
+
+
+def job_mark_started(*, job_ids: set[uuid.UUID], now: datetime) -> None:
+    """queued → running once a first task is leased (outside the claim's transaction)."""
+    if job_ids:
+        Job.objects.filter(pk__in=job_ids, status=JobStatus.QUEUED).update(status=JobStatus.RUNNING, started_at=now)

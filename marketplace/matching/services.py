@@ -1,0 +1,95 @@
+"""Claiming queued tasks for a host: atomic, lease-based.
+
+On PostgreSQL the candidates are locked with `FOR UPDATE SKIP LOCKED`, so many
+claimers never wait on each other; on SQLite the write lock serialises them.
+Either way each task moves with `UPDATE … WHERE status = 'queued'` and a
+claimer only keeps the rows it actually moved.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.db import connection, transaction
+from django.utils import timezone
+
+from marketplace.hosts.models import Host
+from marketplace.jobs.models import Task
+from marketplace.jobs.services import job_mark_started
+from marketplace.jobs.states import JOB_ACTIVE, TaskStatus
+from marketplace.matching.scoring import HostView, ModelNeeds, free_slots, host_can_run
+
+
+@dataclass(frozen=True)
+class Assignment:
+    task_id: uuid.UUID
+    lease_id: uuid.UUID
+    model_sha256: str
+    model_name: str
+    inputs: list[str]
+    lease_expires_at: datetime
+
+
+def _host_view(host: Host) -> HostView:
+    leased = Task.objects.filter(leased_to=host, status=TaskStatus.LEASED).count()
+    return HostView(ready=host.ready, slots=host.slots, leased=leased, memory_mb=host.memory_mb)
+
+
+def tasks_claim_for_host(*, host_id: object, channel_name: str, now: datetime | None = None) -> list[Assignment]:
+    """Lease up to the host's free slots of queued tasks, oldest job first.
+
+    Only the connection named by `channel_name` may claim: a stale consumer
+    of a replaced connection gets nothing. Send the returned assignments
+    after this returns (the transaction has committed by then).
+    """
+    now = now or timezone.now()
+    with transaction.atomic():
+        host = Host.objects.filter(
+            pk=host_id, channel_name=channel_name, status=Host.Status.ONLINE, revoked_at__isnull=True
+        ).first()
+        if host is None:
+            return []
+        view = _host_view(host)
+        wanted = free_slots(view)
+        if wanted == 0:
+            return []
+        candidates = Task.objects.filter(
+            status=TaskStatus.QUEUED,
+            job__status__in=JOB_ACTIVE,
+            job__model__is_active=True,
+            job__model__min_memory_mb__lte=host.memory_mb,
+        ).order_by("job__created_at", "index")
+        if connection.features.has_select_for_update_skip_locked:
+            candidates = candidates.select_for_update(skip_locked=True, of=("self",))
+        rows = list(candidates.select_related("job__model")[:wanted])
+        expires = now + timedelta(seconds=settings.HEARTH_LEASE_SECONDS)
+        assignments: list[Assignment] = []
+        for task in rows:
+            if host_can_run(view, ModelNeeds(min_memory_mb=task.job.model.min_memory_mb)) is not None:
+                continue
+            lease_id = uuid.uuid4()
+            moved = Task.objects.filter(pk=task.pk, status=TaskStatus.QUEUED).update(
+                status=TaskStatus.LEASED,
+                lease_id=lease_id,
+                leased_to=host,
+                lease_expires_at=expires,
+                assigned_at=now,
+                attempt=task.attempt + 1,
+            )
+            if moved:
+                assignments.append(
+                    Assignment(
+                        task_id=task.pk,
+                        lease_id=lease_id,
+                        model_sha256=task.job.model.weights_sha256,
+                        model_name=task.job.model.name,
+                        inputs=list(task.inputs),
+                        lease_expires_at=expires,
+                    )
+                )
+        started = {task.job_id for task in rows}
+    job_mark_started(job_ids=started, now=now)
+    return assignments

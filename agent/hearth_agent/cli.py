@@ -45,14 +45,18 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     home = _home(args)
     existing = config_path(home)
     if existing.exists() and not args.force:
-        print(f"this machine is already enrolled ({existing}); pass --force to enroll it again", file=sys.stderr)
+        print(
+            f"this machine is already enrolled ({existing}); pass --force to enroll it again", file=sys.stderr
+        )
         return EXIT_USAGE
     try:
         config, path = agent_enroll(server_url=args.server, token=args.token, name=args.name, home=home)
     except EnrollError as exc:
         print(f"enrollment failed: {exc}", file=sys.stderr)
         return EXIT_ENROLL_FAILED
-    print(f"enrolled as host {config.host_id} ({config.name}) with {config.server_url}; config saved to {path}")
+    print(
+        f"enrolled as host {config.host_id} ({config.name}) with {config.server_url}; config saved to {path}"
+    )
     return 0
 
 
@@ -66,7 +70,9 @@ async def _run_agent(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return EXIT_USAGE
-    threads = args.threads or (int(os.environ["HEARTH_WORKER_THREADS"]) if os.environ.get("HEARTH_WORKER_THREADS") else None)
+    threads = args.threads or (
+        int(os.environ["HEARTH_WORKER_THREADS"]) if os.environ.get("HEARTH_WORKER_THREADS") else None
+    )
     agent = Agent(
         config,
         cache_root=cache_dir(home),
@@ -115,7 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    home_help = "config dir (default: $HEARTH_AGENT_HOME or ~/.config/hearth-agent); the cache goes under it too"
+    home_help = (
+        "config dir (default: $HEARTH_AGENT_HOME or ~/.config/hearth-agent); the cache goes under it too"
+    )
 
     enroll = sub.add_parser("enroll", help="exchange an enrollment token for this machine's host token")
     enroll.add_argument("--server", required=True, help="server base URL, e.g. https://hearth.example")
@@ -134,7 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("HEARTH_AGENT_SANDBOX", "auto"),
         help="worker isolation (default auto: bwrap, else unshare -rn, else none)",
     )
-    run.add_argument("--threads", type=int, help="torch threads in the worker (default $HEARTH_WORKER_THREADS)")
+    run.add_argument(
+        "--threads", type=int, help="torch threads in the worker (default $HEARTH_WORKER_THREADS)"
+    )
     run.set_defaults(func=cmd_run)
     return parser
 

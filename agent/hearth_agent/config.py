@@ -96,4 +96,3 @@ def config_load(*, home: Path | None = None) -> AgentConfig:
         return AgentConfig.model_validate(json.loads(raw))
     except (ValueError, ValidationError) as exc:
         raise ConfigError(f"{path} is not a valid agent config: {exc}") from exc
-

@@ -64,10 +64,10 @@ class Backoff:
 
     def ceiling(self) -> float:
         # min() before the power would overflow float after ~1000 attempts.
-        return min(self.cap_s, self.base_s * 2 ** min(self.attempt, 64))
+        return min(self.cap_s, self.base_s * 2.0 ** min(self.attempt, 64))
 
     def next_delay(self) -> float:
-        delay = self.rng() * self.ceiling()
+        delay = float(self.rng()) * self.ceiling()
         self.attempt += 1
         return delay
 
@@ -128,7 +128,10 @@ class Agent:
             cpu_model=sysinfo.cpu_model(),
             cpu_count=sysinfo.cpu_count(),
             memory_mb=sysinfo.memory_mb(),
-            gpus=[GpuInfo(name=str(g["name"]), memory_mb=int(g["memory_mb"])) for g in (info.gpus if info else [])],
+            gpus=[
+                GpuInfo(name=str(g["name"]), memory_mb=int(g["memory_mb"]))
+                for g in (info.gpus if info else [])
+            ],
             torch_version=info.torch_version if info else None,
             device=info.device if info else "cpu",
             cached_models=self.cache.cached_models(),

@@ -116,7 +116,9 @@ def manifest_check(data: Any, *, weights_sha256: str) -> Manifest:
         seen.add(path)
         suffix = PurePosixPath(path).suffix.lower()
         if suffix in PICKLED_SUFFIXES:
-            raise ModelRejected(f"refusing {path!r}: pickled checkpoints ({suffix}) can run code; use safetensors")
+            raise ModelRejected(
+                f"refusing {path!r}: pickled checkpoints ({suffix}) can run code; use safetensors"
+            )
         file_sha = str(entry.get("sha256", "")).lower()
         if not _SHA256.match(file_sha):
             raise ModelRejected(f"manifest entry {path!r} has no valid sha256")
@@ -129,7 +131,9 @@ def manifest_check(data: Any, *, weights_sha256: str) -> Manifest:
     if not weights:
         raise ModelRejected("manifest does not contain the weights file it is named after")
     if not weights[0].path.endswith(".safetensors"):
-        raise ModelRejected(f"weights file {weights[0].path!r} is not .safetensors; only safetensors is accepted")
+        raise ModelRejected(
+            f"weights file {weights[0].path!r} is not .safetensors; only safetensors is accepted"
+        )
     return Manifest(name=name, sha256=sha, task_type=task_type, dimension=dimension, files=tuple(files))
 
 
@@ -265,12 +269,16 @@ class ModelCache:
                         written += len(chunk)
                         # Stop a server that sends more than it declared instead of filling the disk.
                         if written > entry.size:
-                            raise ModelFetchError(f"{entry.path}: server sent more than the declared {entry.size} bytes")
+                            raise ModelFetchError(
+                                f"{entry.path}: server sent more than the declared {entry.size} bytes"
+                            )
                         digest.update(chunk)
                         handle.write(chunk)
             actual = digest.hexdigest()
             if actual != entry.sha256:
-                raise ModelFetchError(f"{entry.path}: sha256 mismatch (expected {entry.sha256}, got {actual})")
+                raise ModelFetchError(
+                    f"{entry.path}: sha256 mismatch (expected {entry.sha256}, got {actual})"
+                )
             if written != entry.size:
                 raise ModelFetchError(f"{entry.path}: got {written} bytes, manifest says {entry.size}")
             # Blobs are hardlinked into model dirs; read-only keeps one writer from corrupting all.

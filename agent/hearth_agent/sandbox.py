@@ -89,7 +89,9 @@ def bwrap_plan(*, readable: Sequence[Path], hidden: Sequence[Path] = ()) -> Sand
 
 
 def unshare_plan() -> SandboxPlan:
-    return SandboxPlan(kind="unshare", prefix=("unshare", "--map-root-user", "--net"), claims=("netns:unshare",))
+    return SandboxPlan(
+        kind="unshare", prefix=("unshare", "--map-root-user", "--net"), claims=("netns:unshare",)
+    )
 
 
 def no_sandbox_plan() -> SandboxPlan:

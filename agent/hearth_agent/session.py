@@ -207,7 +207,9 @@ class AgentSession:
                 self._on_cancel(frame.payload.lease_id, frame.payload.task_id, frame.payload.reason)
             elif isinstance(frame, TaskRejected):
                 p = frame.payload
-                log.warning("server rejected the result of task %s (lease %s): %s", p.task_id, p.lease_id, p.reason)
+                log.warning(
+                    "server rejected the result of task %s (lease %s): %s", p.task_id, p.lease_id, p.reason
+                )
             elif isinstance(frame, Welcome):
                 log.info("server re-sent welcome; heartbeat every %.1f s", frame.payload.heartbeat_interval_s)
                 self.heartbeat_interval_s = frame.payload.heartbeat_interval_s
@@ -223,7 +225,9 @@ class AgentSession:
         task = LocalTask(assign=assign)
         self.tasks[assign.lease_id] = task
         if len(self.tasks) > self.slots:
-            log.warning("server assigned %d tasks for %d slots; queueing locally", len(self.tasks), self.slots)
+            log.warning(
+                "server assigned %d tasks for %d slots; queueing locally", len(self.tasks), self.slots
+            )
         log.info(
             "task %s assigned (lease %s, %d inputs, model %s %s)",
             assign.task_id,

@@ -67,7 +67,9 @@ class EmbedResult:
 class _Process:
     proc: asyncio.subprocess.Process
     pending: dict[int, asyncio.Future[dict[str, Any]]] = field(default_factory=dict)
-    stderr_tail: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=_STDERR_TAIL))
+    stderr_tail: collections.deque[str] = field(
+        default_factory=lambda: collections.deque(maxlen=_STDERR_TAIL)
+    )
     readers: list[asyncio.Task[None]] = field(default_factory=list)
     ready: asyncio.Future[dict[str, Any]] | None = None
     was_ready: bool = False
@@ -268,10 +270,9 @@ class WorkerSupervisor:
             return
         if current.proc.stdin is not None:
             current.proc.stdin.close()
-        try:
+        # Closing stdin ends the worker's read loop; give it a moment to exit on its own.
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(current.proc.wait(), 5.0)
-        except TimeoutError:
-            pass
         await self._mark_dead(current)
         for reader in current.readers:
             reader.cancel()
@@ -326,10 +327,17 @@ class WorkerSupervisor:
         async with self._batch_lock:
             if on_start is not None:
                 on_start()
-            request = {"type": "embed", "model_dir": str(model_dir), "model_sha256": model_sha256, "inputs": inputs}
+            request = {
+                "type": "embed",
+                "model_dir": str(model_dir),
+                "model_sha256": model_sha256,
+                "inputs": inputs,
+            }
             reply = await self._request(request, timeout_s)
         if reply.get("type") == "error":
-            raise WorkerError(str(reply.get("reason", "worker error")), retryable=bool(reply.get("retryable", True)))
+            raise WorkerError(
+                str(reply.get("reason", "worker error")), retryable=bool(reply.get("retryable", True))
+            )
         self.warm_models = [str(m) for m in reply.get("warm", [])]
         raw = base64.b64decode(reply["embeddings_b64"])
         return EmbedResult(

@@ -24,7 +24,6 @@ import signal
 import socket
 import sys
 import time
-from pathlib import Path
 from typing import IO, Any
 
 PR_SET_PDEATHSIG = 1
@@ -104,14 +103,20 @@ class Worker:
         inputs = request["inputs"]
         if not isinstance(inputs, list) or not all(isinstance(i, str) for i in inputs):
             raise ValueError("inputs must be a list of strings")
-        model, load_ms = self.model_for(str(request["model_dir"]), str(request.get("model_sha256") or request["model_dir"]))
+        model, load_ms = self.model_for(
+            str(request["model_dir"]), str(request.get("model_sha256") or request["model_dir"])
+        )
         started = time.perf_counter()
         with torch.inference_mode():
             # The model's own pipeline (incl. its Normalize module, if any) decides normalization.
             vectors = model.encode(inputs, convert_to_numpy=True, show_progress_bar=False)
         compute_ms = (time.perf_counter() - started) * 1000
         dimension = model.get_sentence_embedding_dimension()
-        array = np.asarray(vectors, dtype="<f4").reshape(len(inputs), -1) if inputs else np.zeros((0, dimension), "<f4")
+        array = (
+            np.asarray(vectors, dtype="<f4").reshape(len(inputs), -1)
+            if inputs
+            else np.zeros((0, dimension), "<f4")
+        )
         return {
             "type": "result",
             "id": request["id"],
@@ -174,7 +179,11 @@ def main() -> int:
             if request.get("type") == "embed":
                 reply = worker.embed(request)
             elif request.get("type") == "probe":
-                reply = {"type": "probe", "id": request["id"], **probe_sandbox({"HEARTH_PROBE_ADDR": request["addr"]})}
+                reply = {
+                    "type": "probe",
+                    "id": request["id"],
+                    **probe_sandbox({"HEARTH_PROBE_ADDR": request["addr"]}),
+                }
             else:
                 raise ValueError(f"unknown request type {request.get('type')!r}")
         except Exception as exc:  # One bad batch must not kill a warm worker.

@@ -46,10 +46,27 @@ def test_enroll_saves_the_identity_the_server_returns(
     tmp_path: Path, file_server: FileServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
     file_server.add_json("/api/v1/agents/enroll", {"host_id": "h-42", "host_token": "tok-42"}, status=201)
-    code = main(["enroll", "--server", file_server.url, "--token", "one-time", "--name", "box", "--home", str(tmp_path)])
+    code = main(
+        [
+            "enroll",
+            "--server",
+            file_server.url,
+            "--token",
+            "one-time",
+            "--name",
+            "box",
+            "--home",
+            str(tmp_path),
+        ]
+    )
     assert code == 0
     config = config_load(home=tmp_path)
-    assert (config.host_id, config.host_token, config.name, config.server_url) == ("h-42", "tok-42", "box", file_server.url)
+    assert (config.host_id, config.host_token, config.name, config.server_url) == (
+        "h-42",
+        "tok-42",
+        "box",
+        file_server.url,
+    )
     assert _mode(tmp_path / "config.json") == 0o600
     assert "enrolled as host h-42" in capsys.readouterr().out
 
@@ -65,12 +82,16 @@ def test_enroll_shows_why_the_server_refused_the_token(
     assert not (tmp_path / "config.json").exists()
 
 
-def test_enroll_says_when_the_server_is_unreachable(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_enroll_says_when_the_server_is_unreachable(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     code = main(["enroll", "--server", "http://127.0.0.1:9", "--token", "t", "--home", str(tmp_path)])
     assert code == 1
     assert "cannot reach the server" in capsys.readouterr().err
 
 
-def test_run_without_enrollment_tells_the_owner_to_enroll(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_run_without_enrollment_tells_the_owner_to_enroll(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["run", "--home", str(tmp_path)]) == 2
     assert "enroll first" in capsys.readouterr().err

@@ -70,7 +70,10 @@ def test_it_round_trips_every_frame_the_agent_sends_and_receives() -> None:
         ("not json", CloseCode.MALFORMED_FRAME),
         ("[1, 2]", CloseCode.MALFORMED_FRAME),
         ('{"type": "nope.v1", "payload": {}}', CloseCode.MALFORMED_FRAME),
-        ('{"type": "heartbeat.v1", "payload": {"status": "asleep", "free_slots": 0}}', CloseCode.MALFORMED_FRAME),
+        (
+            '{"type": "heartbeat.v1", "payload": {"status": "asleep", "free_slots": 0}}',
+            CloseCode.MALFORMED_FRAME,
+        ),
         ('{"type": "heartbeat.v2", "payload": {}}', CloseCode.UNSUPPORTED_VERSION),
         ("[" * 100_000, CloseCode.MALFORMED_FRAME),
         (b"\xff\xfe", CloseCode.MALFORMED_FRAME),

@@ -45,7 +45,9 @@ def _nobody_connected(sock: socket.socket) -> bool:
     return False
 
 
-@pytest.mark.skipif(not (BWRAP_WORKS or UNSHARE_WORKS), reason="neither bwrap nor unshare -rn works on this machine")
+@pytest.mark.skipif(
+    not (BWRAP_WORKS or UNSHARE_WORKS), reason="neither bwrap nor unshare -rn works on this machine"
+)
 def test_the_sandboxed_worker_cannot_reach_a_loopback_listener(
     minilm_worker: WarmWorker, listener: socket.socket
 ) -> None:

@@ -43,12 +43,16 @@ def reference(minilm_source: Path) -> np.ndarray:
     return np.asarray(model.encode(SENTENCES, convert_to_numpy=True), dtype=np.float32)
 
 
-def test_it_embeds_like_sentence_transformers_in_process(minilm_worker: WarmWorker, reference: np.ndarray) -> None:
+def test_it_embeds_like_sentence_transformers_in_process(
+    minilm_worker: WarmWorker, reference: np.ndarray
+) -> None:
     result = _embed(minilm_worker, SENTENCES)
     vectors = _vectors(result)
     assert (result.count, result.dimension) == (len(SENTENCES), 384)
     assert result.device == "cpu"
-    cosine = (vectors * reference).sum(1) / (np.linalg.norm(vectors, axis=1) * np.linalg.norm(reference, axis=1))
+    cosine = (vectors * reference).sum(1) / (
+        np.linalg.norm(vectors, axis=1) * np.linalg.norm(reference, axis=1)
+    )
     assert cosine.min() >= 0.9999
     # MiniLM's pipeline ends in a Normalize module: unit vectors, as the model's own pipeline makes them.
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
@@ -71,7 +75,9 @@ def test_a_bad_request_fails_the_batch_but_not_the_worker(minilm_worker: WarmWor
     pid = minilm_worker.supervisor.info.pid if minilm_worker.supervisor.info else None
     with pytest.raises(WorkerError):
         minilm_worker.loop.run(
-            minilm_worker.supervisor.embed(model_dir=minilm_worker.cache / "missing", model_sha256="m" * 64, inputs=["x"])
+            minilm_worker.supervisor.embed(
+                model_dir=minilm_worker.cache / "missing", model_sha256="m" * 64, inputs=["x"]
+            )
         )
     assert _embed(minilm_worker, ["still alive"]).count == 1
     assert minilm_worker.supervisor.info is not None and minilm_worker.supervisor.info.pid == pid
@@ -87,7 +93,9 @@ def test_a_crashed_worker_fails_its_batch_and_is_replaced(minilm_worker: WarmWor
         import asyncio
 
         batch = asyncio.create_task(
-            supervisor.embed(model_dir=minilm_worker.model_dir, model_sha256=minilm_worker.model_sha, inputs=big_batch)
+            supervisor.embed(
+                model_dir=minilm_worker.model_dir, model_sha256=minilm_worker.model_sha, inputs=big_batch
+            )
         )
         await asyncio.sleep(1.0)
         os.kill(old_pid, signal.SIGKILL)

@@ -1,0 +1,27 @@
+"""End-to-end throughput: a job through the public API on local agents vs the bare model.
+
+Runs the same stack and job as `make demo --once` (server, two sandboxed CPU
+agents, N sentences over REST, every result checked against the model), and
+measures the bare model in this process, before and after, in the same run.
+Last line: one JSON object of the figures.
+
+    python -m bench.e2e [--items 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from marketplace.demo import run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--items", type=int, default=1000)
+    args = parser.parse_args()
+    sys.exit(run(once=True, items=args.items, port=0))
+
+
+if __name__ == "__main__":
+    main()

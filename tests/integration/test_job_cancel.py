@@ -1,0 +1,38 @@
+"""Cancelling a running job stops its tasks on the agents, and the fleet goes on working."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from marketplace.devstack import LocalStack
+
+pytestmark = pytest.mark.integration
+
+
+def test_a_cancelled_job_stops_and_the_next_job_still_completes(stack: LocalStack, fleet: list[Any]) -> None:
+    api_key = stack.buyer()
+    inputs = [f"long job item {i}" for i in range(4000)]
+    with stack.client(headers={"Authorization": f"Bearer {api_key}"}) as http:
+        big = http.post("/api/v1/jobs", json={"model": "all-MiniLM-L6-v2", "inputs": inputs, "task_size": 20}).json()
+        deadline = time.monotonic() + 60
+        while http.get(f"/api/v1/jobs/{big['id']}").json()["items_done"] == 0:
+            assert time.monotonic() < deadline, "the job never started"
+            time.sleep(0.1)
+
+        cancelled = http.post(f"/api/v1/jobs/{big['id']}/cancel").json()
+        assert cancelled["status"] == "cancelled"
+        assert cancelled["tasks"]["queued"] == cancelled["tasks"]["leased"] == 0
+        assert 0 < cancelled["items_done"] < len(inputs)
+
+        small = http.post("/api/v1/jobs", json={"model": "all-MiniLM-L6-v2", "inputs": ["after the cancel"]}).json()
+        done = stack.wait_job(api_key=api_key, job_id=small["id"], timeout=120)
+        assert done["status"] == "succeeded"
+        after = http.get(f"/api/v1/jobs/{big['id']}").json()
+    assert after["status"] == "cancelled"
+    assert after["items_done"] == cancelled["items_done"]
+    assert all(agent.process.poll() is None for agent in fleet)
+    # Leases held at the moment of cancel reached the agents as task.cancel frames.
+    assert any("cancelled by the server (cancelled by the buyer)" in agent.log() for agent in fleet)

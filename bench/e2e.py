@@ -17,7 +17,9 @@ from marketplace.demo import run
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--items", type=int, default=1000)
     args = parser.parse_args()
     sys.exit(run(once=True, items=args.items, port=0))

@@ -16,14 +16,20 @@ import shutil
 import signal
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from marketplace.devstack import ROOT, LocalStack
 
-SUBJECTS = ["The battery", "A rooftop array", "The home GPU", "Our heat pump", "The grid tie", "A spare laptop"]
+SUBJECTS = [
+    "The battery",
+    "A rooftop array",
+    "The home GPU",
+    "Our heat pump",
+    "The grid tie",
+    "A spare laptop",
+]
 VERBS = ["reported", "stored", "exported", "consumed", "forecast", "balanced"]
 OBJECTS = ["surplus solar power", "an embedding batch", "the evening peak", "cheap night tariff energy"]
 
@@ -98,14 +104,18 @@ def run(*, once: bool, items: int, port: int) -> int:
             stack.start_agent(name=name, home=home)
         hosts = stack.wait_hosts_ready(owner=owner, count=2)
         for host in hosts:
-            print(f"  {host['name']}: online, device={host['device']}, isolation={','.join(host['isolation']) or 'none'}")
+            print(
+                f"  {host['name']}: online, device={host['device']}, isolation={','.join(host['isolation']) or 'none'}"
+            )
 
         buyer = stack.signup(email="buyer@demo.hearth", password="demo-buyer-password")
         api_key = stack.api_key(email=buyer[0], password=buyer[1], name="demo")
         print(f"Submitting {items} sentences to POST {stack.url}/api/v1/jobs …")
         submitted = time.perf_counter()
         with stack.client(headers={"Authorization": f"Bearer {api_key}"}) as http:
-            response = http.post("/api/v1/jobs", json={"model": "all-MiniLM-L6-v2", "inputs": sentences, "task_size": 50})
+            response = http.post(
+                "/api/v1/jobs", json={"model": "all-MiniLM-L6-v2", "inputs": sentences, "task_size": 50}
+            )
             if response.status_code != 201:
                 print(f"job was refused: {response.status_code} {response.text}")
                 return 1
@@ -124,9 +134,13 @@ def run(*, once: bool, items: int, port: int) -> int:
             print("results are missing items or out of order")
             return 1
         got = np.array([row["embedding"] for row in rows], dtype=np.float32)
-        cosine = (got * expected).sum(axis=1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(expected, axis=1))
+        cosine = (got * expected).sum(axis=1) / (
+            np.linalg.norm(got, axis=1) * np.linalg.norm(expected, axis=1)
+        )
         if cosine.min() < 0.9999:
-            print(f"results differ from the model: lowest cosine {cosine.min():.6f} at item {int(cosine.argmin())}")
+            print(
+                f"results differ from the model: lowest cosine {cosine.min():.6f} at item {int(cosine.argmin())}"
+            )
             return 1
         e2e_rate = items / e2e_seconds
         # The baseline again, now that the fleet is idle: same run, same machine.
@@ -156,7 +170,7 @@ def run(*, once: bool, items: int, port: int) -> int:
         print("Serving until Ctrl-C …")
         signal.sigwait({signal.SIGINT, signal.SIGTERM})
         return 0
-    except Exception as exc:  # noqa: BLE001 - the demo must say why it failed, then exit non-zero
+    except Exception as exc:
         print(f"\ndemo failed: {exc}", file=sys.stderr)
         return 1
     finally:
@@ -164,8 +178,12 @@ def run(*, once: bool, items: int, port: int) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--once", action="store_true", help="exit after the job: 0 on success, 1 with a reason")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--once", action="store_true", help="exit after the job: 0 on success, 1 with a reason"
+    )
     parser.add_argument("--items", type=int, default=1000, help="sentences in the demo job (default 1000)")
     parser.add_argument("--port", type=int, default=int(os.environ.get("HEARTH_DEMO_PORT", "8000")))
     args = parser.parse_args()

@@ -125,18 +125,37 @@ class LocalStack:
         self._spawn(
             "server",
             [
-                sys.executable, "-m", "uvicorn", "marketplace.config.asgi:application",
-                "--host", "127.0.0.1", "--port", str(self.port), "--lifespan", "on",
-                "--ws-max-size", str(32 * 1024 * 1024),
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "marketplace.config.asgi:application",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--lifespan",
+                "on",
+                "--ws-max-size",
+                str(32 * 1024 * 1024),
             ],
         )
         if os.environ.get("REDIS_URL") and self._env.get("HEARTH_BACKGROUND", "celery") == "celery":
             self._spawn(
                 "celery",
                 [
-                    sys.executable, "-m", "celery", "-A", "marketplace.config.celery", "worker", "--beat",
-                    "--pool", "solo", "--loglevel", "INFO",
-                    "--schedule", str(self.workdir / "celerybeat-schedule"),
+                    sys.executable,
+                    "-m",
+                    "celery",
+                    "-A",
+                    "marketplace.config.celery",
+                    "worker",
+                    "--beat",
+                    "--pool",
+                    "solo",
+                    "--loglevel",
+                    "INFO",
+                    "--schedule",
+                    str(self.workdir / "celerybeat-schedule"),
                 ],
             )
         self._wait_http(f"{self.url}/api/v1/models", timeout=60)
@@ -162,7 +181,9 @@ class LocalStack:
     def cleanup(self) -> None:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
-    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    def _spawn(
+        self, name: str, argv: list[str], env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         log = (self.workdir / f"{name}.log").open("ab")
         process = subprocess.Popen(
             argv, cwd=ROOT, env=env or self._env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -183,7 +204,8 @@ class LocalStack:
 
     def logs(self) -> str:
         return "\n".join(
-            f"==== {path.name}\n{path.read_text(errors='replace')[-6000:]}" for path in sorted(self.workdir.glob("*.log"))
+            f"==== {path.name}\n{path.read_text(errors='replace')[-6000:]}"
+            for path in sorted(self.workdir.glob("*.log"))
         )
 
     # ---- users, through the public API ----
@@ -191,9 +213,13 @@ class LocalStack:
     def client(self, **kwargs: Any) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=60, **kwargs)
 
-    def signup(self, *, email: str, password: str = "correct-horse-battery", role: str = "buyer") -> tuple[str, str]:
+    def signup(
+        self, *, email: str, password: str = "correct-horse-battery", role: str = "buyer"
+    ) -> tuple[str, str]:
         with self.client() as http:
-            response = http.post("/api/v1/auth/signup", json={"email": email, "password": password, "role": role})
+            response = http.post(
+                "/api/v1/auth/signup", json={"email": email, "password": password, "role": role}
+            )
             response.raise_for_status()
         return email, password
 
@@ -223,7 +249,9 @@ class LocalStack:
         home = self.workdir / "agents" / name
         home.mkdir(parents=True, exist_ok=True)
         subprocess.run(
-            self.agent_command("enroll", "--server", self.url, "--token", token, "--name", name, "--home", str(home)),
+            self.agent_command(
+                "enroll", "--server", self.url, "--token", token, "--name", name, "--home", str(home)
+            ),
             env=self._agent_env(),
             check=True,
             capture_output=True,
@@ -253,12 +281,16 @@ class LocalStack:
         env.setdefault("HEARTH_AGENT_CACHE", str(self.workdir / "agent-cache"))
         return env
 
-    def wait_hosts_ready(self, *, owner: tuple[str, str], count: int, timeout: float = 120) -> list[dict[str, Any]]:
+    def wait_hosts_ready(
+        self, *, owner: tuple[str, str], count: int, timeout: float = 120
+    ) -> list[dict[str, Any]]:
         deadline = time.monotonic() + timeout
         hosts: list[dict[str, Any]] = []
         with self.client(auth=owner) as http:
             while time.monotonic() < deadline:
-                hosts = [h for h in http.get("/api/v1/hosts").json() if h["status"] == "online" and h["ready"]]
+                hosts = [
+                    h for h in http.get("/api/v1/hosts").json() if h["status"] == "online" and h["ready"]
+                ]
                 if len(hosts) >= count:
                     return hosts
                 time.sleep(0.3)
@@ -266,7 +298,9 @@ class LocalStack:
 
     # ---- jobs, through the public API ----
 
-    def wait_job(self, *, api_key: str, job_id: str, timeout: float = 300, on_progress: Any = None) -> dict[str, Any]:
+    def wait_job(
+        self, *, api_key: str, job_id: str, timeout: float = 300, on_progress: Any = None
+    ) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         with self.client(headers={"Authorization": f"Bearer {api_key}"}) as http:
             while time.monotonic() < deadline:

@@ -52,5 +52,7 @@ def other_api(other_buyer: Any) -> APIClient:
     from marketplace.accounts.services import api_key_create
 
     client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Bearer {api_key_create(user=other_buyer, name='tests').plaintext}")
+    client.credentials(
+        HTTP_AUTHORIZATION=f"Bearer {api_key_create(user=other_buyer, name='tests').plaintext}"
+    )
     return client

@@ -9,7 +9,7 @@ from marketplace.accounts.tokens import secret_issue
 from marketplace.hosts.models import Host
 
 
-class UserFactory(factory.django.DjangoModelFactory):
+class UserFactory(factory.django.DjangoModelFactory[User]):
     class Meta:
         model = User
 
@@ -18,7 +18,7 @@ class UserFactory(factory.django.DjangoModelFactory):
     password = factory.django.Password("correct-horse-battery")
 
 
-class HostFactory(factory.django.DjangoModelFactory):
+class HostFactory(factory.django.DjangoModelFactory[Host]):
     """An enrolled host, online and ready with two slots, as after `hello` + `ready`."""
 
     class Meta:

@@ -11,6 +11,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from marketplace.accounts.authentication import request_user
 from marketplace.accounts.models import ApiKey, User
 from marketplace.accounts.selectors import api_key_list_for_user
 from marketplace.accounts.services import api_key_create, api_key_revoke, user_signup
@@ -29,7 +30,9 @@ class SignupApi(APIView):
         data = self.InputSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         user = user_signup(**data.validated_data)
-        return Response({"id": user.pk, "email": user.email, "role": user.role}, status=status.HTTP_201_CREATED)
+        return Response(
+            {"id": user.pk, "email": user.email, "role": user.role}, status=status.HTTP_201_CREATED
+        )
 
 
 def _key_json(key: ApiKey) -> dict[str, Any]:
@@ -48,17 +51,19 @@ class ApiKeyListCreateApi(APIView):
         name = serializers.CharField(max_length=100)
 
     def get(self, request: Request) -> Response:
-        return Response([_key_json(k) for k in api_key_list_for_user(user=request.user)])
+        return Response([_key_json(k) for k in api_key_list_for_user(user=request_user(request))])
 
     def post(self, request: Request) -> Response:
         data = self.InputSerializer(data=request.data)
         data.is_valid(raise_exception=True)
-        created = api_key_create(user=request.user, name=data.validated_data["name"])
+        created = api_key_create(user=request_user(request), name=data.validated_data["name"])
         # The plaintext key appears in this response only.
-        return Response({**_key_json(created.api_key), "key": created.plaintext}, status=status.HTTP_201_CREATED)
+        return Response(
+            {**_key_json(created.api_key), "key": created.plaintext}, status=status.HTTP_201_CREATED
+        )
 
 
 class ApiKeyRevokeApi(APIView):
     def post(self, request: Request, key_id: int) -> Response:
-        key = get_object_or_404(api_key_list_for_user(user=request.user), pk=key_id)
+        key = get_object_or_404(api_key_list_for_user(user=request_user(request)), pk=key_id)
         return Response(_key_json(api_key_revoke(api_key=key)))

@@ -8,8 +8,17 @@ from rest_framework import exceptions
 from rest_framework.authentication import BaseAuthentication, get_authorization_header
 from rest_framework.request import Request
 
+from marketplace.accounts.models import User
 from marketplace.accounts.selectors import api_key_authenticate
 from marketplace.accounts.services import API_KEY_KIND
+
+
+def request_user(request: Request) -> User:
+    """The authenticated user of a request that passed IsAuthenticated."""
+    user = request.user
+    if not isinstance(user, User):
+        raise exceptions.NotAuthenticated()
+    return user
 
 
 class ApiKeyAuthentication(BaseAuthentication):

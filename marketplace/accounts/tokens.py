@@ -28,7 +28,11 @@ def secret_digest(plaintext: str) -> str:
 def secret_issue(kind: str) -> IssuedSecret:
     """A new secret like `hk_live_<random>`; `prefix` is what we may display."""
     plaintext = f"{kind}_{secrets.token_urlsafe(32)}"
-    return IssuedSecret(plaintext=plaintext, prefix=plaintext[: len(kind) + 1 + PREFIX_LENGTH - 4], digest=secret_digest(plaintext))
+    return IssuedSecret(
+        plaintext=plaintext,
+        prefix=plaintext[: len(kind) + 1 + PREFIX_LENGTH - 4],
+        digest=secret_digest(plaintext),
+    )
 
 
 def secret_matches(plaintext: str, digest: str) -> bool:

@@ -52,7 +52,11 @@ class ModelFileApi(APIView):
         model_file = model_file_get(sha256=sha256)
         if model_file is None:
             raise Http404("no file with this digest")
-        response = FileResponse(open(model_file.storage_path, "rb"), content_type="application/octet-stream")
+        # FileResponse closes the file when the response is done streaming.
+        response = FileResponse(
+            open(model_file.storage_path, "rb"),  # noqa: SIM115
+            content_type="application/octet-stream",
+        )
         response["Content-Length"] = str(model_file.size)
         response["ETag"] = f'"{model_file.sha256}"'
         response["Cache-Control"] = "public, max-age=31536000, immutable"

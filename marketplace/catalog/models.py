@@ -34,3 +34,6 @@ class ModelFile(models.Model):
     class Meta:
         constraints = [models.UniqueConstraint(fields=["model", "path"], name="unique_model_file_path")]
         ordering = ["path"]
+
+    def __str__(self) -> str:
+        return f"{self.path} ({self.sha256[:12]})"

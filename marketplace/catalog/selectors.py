@@ -16,7 +16,9 @@ def catalog_model_get_by_name(*, name: str) -> CatalogModel | None:
 
 
 def catalog_model_get_by_weights(*, sha256: str) -> CatalogModel | None:
-    return CatalogModel.objects.prefetch_related("files").filter(weights_sha256=sha256, is_active=True).first()
+    return (
+        CatalogModel.objects.prefetch_related("files").filter(weights_sha256=sha256, is_active=True).first()
+    )
 
 
 def model_file_get(*, sha256: str) -> ModelFile | None:

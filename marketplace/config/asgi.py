@@ -12,9 +12,9 @@ from typing import Any
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "marketplace.config.settings")
 
-from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402 - Django must be set up first
-from django.conf import settings  # noqa: E402
-from django.core.asgi import get_asgi_application  # noqa: E402
+from channels.routing import ProtocolTypeRouter, URLRouter
+from django.conf import settings
+from django.core.asgi import get_asgi_application
 
 django_asgi = get_asgi_application()
 

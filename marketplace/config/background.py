@@ -28,6 +28,8 @@ async def run_forever() -> None:
         try:
             expired, offline = await database_sync_to_async(sweep_once)()
             if expired or offline:
-                logger.info("sweep: %d expired leases requeued, %d silent hosts marked offline", expired, offline)
+                logger.info(
+                    "sweep: %d expired leases requeued, %d silent hosts marked offline", expired, offline
+                )
         except Exception:
             logger.exception("background sweep failed; retrying next interval")

@@ -111,7 +111,9 @@ else:
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 
 # Background work: Celery worker + beat on Redis, or an in-process loop.
-HEARTH_BACKGROUND = env_choice("HEARTH_BACKGROUND", "celery" if REDIS_URL else "inprocess", ("celery", "inprocess"))
+HEARTH_BACKGROUND = env_choice(
+    "HEARTH_BACKGROUND", "celery" if REDIS_URL else "inprocess", ("celery", "inprocess")
+)
 CELERY_BROKER_URL = REDIS_URL or "memory://"
 CELERY_RESULT_BACKEND = None
 CELERY_TASK_ALWAYS_EAGER = HEARTH_BACKGROUND == "inprocess"

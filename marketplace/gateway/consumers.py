@@ -54,7 +54,9 @@ class AgentConsumer(AsyncWebsocketConsumer):
     async def disconnect(self, code: int) -> None:
         if self.host_id is not None and self.hello_received:
             await database_sync_to_async(host_services.host_disconnect)(
-                host_id=self.host_id, channel_name=self.channel_name, reason=f"agent disconnected (code {code})"
+                host_id=self.host_id,
+                channel_name=self.channel_name,
+                reason=f"agent disconnected (code {code})",
             )
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
@@ -117,10 +119,14 @@ class AgentConsumer(AsyncWebsocketConsumer):
 
     async def _after_outcome(self, task_id: str, lease_id: str, outcome: job_services.ResultOutcome) -> None:
         if not outcome.accepted:
-            logger.info("rejected a result for task %s from host %s: %s", task_id, self.host_id, outcome.reason)
+            logger.info(
+                "rejected a result for task %s from host %s: %s", task_id, self.host_id, outcome.reason
+            )
             await self._send_frame(
                 protocol.TaskRejected(
-                    payload=protocol.TaskRejectedPayload(task_id=task_id, lease_id=lease_id, reason=outcome.reason)
+                    payload=protocol.TaskRejectedPayload(
+                        task_id=task_id, lease_id=lease_id, reason=outcome.reason
+                    )
                 )
             )
         await self._claim_and_assign()

@@ -12,6 +12,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from marketplace.accounts.authentication import request_user
 from marketplace.hosts.models import Host
 from marketplace.hosts.selectors import host_list_for_owner
 from marketplace.hosts.services import enrollment_token_create, host_enroll, host_token_revoke
@@ -36,7 +37,7 @@ def _host_json(host: Host) -> dict[str, Any]:
 
 class EnrollmentTokenCreateApi(APIView):
     def post(self, request: Request) -> Response:
-        created = enrollment_token_create(owner=request.user)
+        created = enrollment_token_create(owner=request_user(request))
         server = request.build_absolute_uri("/").rstrip("/") or settings.HEARTH_PUBLIC_URL
         return Response(
             {
@@ -50,12 +51,12 @@ class EnrollmentTokenCreateApi(APIView):
 
 class HostListApi(APIView):
     def get(self, request: Request) -> Response:
-        return Response([_host_json(h) for h in host_list_for_owner(owner=request.user)])
+        return Response([_host_json(h) for h in host_list_for_owner(owner=request_user(request))])
 
 
 class HostRevokeApi(APIView):
     def post(self, request: Request, host_id: str) -> Response:
-        host = get_object_or_404(host_list_for_owner(owner=request.user), pk=host_id)
+        host = get_object_or_404(host_list_for_owner(owner=request_user(request)), pk=host_id)
         return Response(_host_json(host_token_revoke(host=host)))
 
 
@@ -70,7 +71,10 @@ class AgentEnrollApi(APIView):
     def post(self, request: Request) -> Response:
         data = self.InputSerializer(data=request.data)
         data.is_valid(raise_exception=True)
-        enrolled = host_enroll(enrollment_token=data.validated_data["token"], name=data.validated_data["name"])
+        enrolled = host_enroll(
+            enrollment_token=data.validated_data["token"], name=data.validated_data["name"]
+        )
         return Response(
-            {"host_id": str(enrolled.host.pk), "host_token": enrolled.host_token}, status=status.HTTP_201_CREATED
+            {"host_id": str(enrolled.host.pk), "host_token": enrolled.host_token},
+            status=status.HTTP_201_CREATED,
         )

@@ -11,13 +11,20 @@ from django.db import models
 class EnrollmentToken(models.Model):
     """A one-time token a GPU owner hands to `hearth-agent enroll`."""
 
-    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="enrollment_tokens")
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="enrollment_tokens"
+    )
     prefix = models.CharField(max_length=32)
     digest = models.CharField(max_length=64, unique=True)
     created_at = models.DateTimeField(auto_now_add=True)
     expires_at = models.DateTimeField()
     used_at = models.DateTimeField(null=True, blank=True)
-    host = models.OneToOneField("Host", null=True, blank=True, on_delete=models.SET_NULL, related_name="enrollment")
+    host = models.OneToOneField(
+        "Host", null=True, blank=True, on_delete=models.SET_NULL, related_name="enrollment"
+    )
+
+    def __str__(self) -> str:
+        return f"{self.prefix}… ({'used' if self.used_at else 'unused'})"
 
 
 class Host(models.Model):

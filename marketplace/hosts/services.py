@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -61,7 +62,9 @@ def host_enroll(*, enrollment_token: str, name: str) -> EnrolledHost:
     if claimed != 1:
         raise ValidationError({"token": ["enrollment token was already used"]})
     issued = secret_issue(HOST_TOKEN_KIND)
-    host = Host.objects.create(owner=token.owner, name=name, token_prefix=issued.prefix, token_digest=issued.digest)
+    host = Host.objects.create(
+        owner=token.owner, name=name, token_prefix=issued.prefix, token_digest=issued.digest
+    )
     EnrollmentToken.objects.filter(pk=token.pk).update(host=host)
     return EnrolledHost(host=host, host_token=issued.plaintext)
 
@@ -91,7 +94,7 @@ def _offline_after(now: datetime) -> datetime:
 
 
 @transaction.atomic
-def host_connect(*, host_id: object, channel_name: str, hello: protocol.HelloPayload) -> Host:
+def host_connect(*, host_id: uuid.UUID, channel_name: str, hello: protocol.HelloPayload) -> Host:
     """Record a new live connection; an older connection of the same host is closed."""
     host = Host.objects.select_for_update().get(pk=host_id)
     if host.channel_name and host.channel_name != channel_name:
@@ -113,11 +116,13 @@ def host_connect(*, host_id: object, channel_name: str, hello: protocol.HelloPay
     return host
 
 
-def host_ready(*, host_id: object, channel_name: str, payload: protocol.ReadyPayload) -> None:
-    Host.objects.filter(pk=host_id, channel_name=channel_name).update(ready=True, isolation=list(payload.isolation))
+def host_ready(*, host_id: uuid.UUID, channel_name: str, payload: protocol.ReadyPayload) -> None:
+    Host.objects.filter(pk=host_id, channel_name=channel_name).update(
+        ready=True, isolation=list(payload.isolation)
+    )
 
 
-def host_heartbeat(*, host_id: object, channel_name: str, payload: protocol.HeartbeatPayload) -> None:
+def host_heartbeat(*, host_id: uuid.UUID, channel_name: str, payload: protocol.HeartbeatPayload) -> None:
     """Push `offline_after` forward and renew the leases the agent says it holds."""
     from marketplace.jobs.services import leases_renew
 
@@ -130,7 +135,7 @@ def host_heartbeat(*, host_id: object, channel_name: str, payload: protocol.Hear
 
 
 @transaction.atomic
-def host_disconnect(*, host_id: object, channel_name: str, reason: str) -> bool:
+def host_disconnect(*, host_id: uuid.UUID, channel_name: str, reason: str) -> bool:
     """Mark the host offline and requeue its leases, unless a newer connection took over."""
     from marketplace.jobs.services import tasks_requeue_for_host
 
@@ -146,7 +151,9 @@ def hosts_sweep_offline(*, now: datetime | None = None) -> int:
     """Hosts whose heartbeats stopped: offline, leases requeued, socket closed."""
     now = now or timezone.now()
     stale = list(
-        Host.objects.filter(status=Host.Status.ONLINE, offline_after__lt=now).values_list("pk", "channel_name")
+        Host.objects.filter(status=Host.Status.ONLINE, offline_after__lt=now).values_list(
+            "pk", "channel_name"
+        )
     )
     swept = 0
     for host_id, channel_name in stale:

@@ -13,6 +13,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from marketplace.accounts.authentication import request_user
 from marketplace.config.api_errors import Conflict, PayloadTooLarge
 from marketplace.jobs.inputs import inputs_from_jsonl
 from marketplace.jobs.models import Job
@@ -22,7 +23,7 @@ from marketplace.jobs.states import JobStatus
 
 
 def _own_job(request: Request, job_id: str) -> Job:
-    job = job_get_for_buyer(buyer=request.user, job_id=job_id)
+    job = job_get_for_buyer(buyer=request_user(request), job_id=job_id)
     if job is None:
         raise Http404("no such job")
     return job
@@ -45,31 +46,39 @@ class JobListCreateApi(APIView):
     parser_classes = [JSONParser, MultiPartParser, FormParser]
 
     def get(self, request: Request) -> Response:
-        return Response([job_summary(job=j) for j in job_list_for_buyer(buyer=request.user)[:100]])
+        return Response([job_summary(job=j) for j in job_list_for_buyer(buyer=request_user(request))[:100]])
 
     def post(self, request: Request) -> Response:
         length = int(request.META.get("CONTENT_LENGTH") or 0)
         if length > settings.HEARTH_MAX_UPLOAD_BYTES:
-            raise PayloadTooLarge(f"request body is {length} bytes; the limit is {settings.HEARTH_MAX_UPLOAD_BYTES}")
-        data = request.data
+            raise PayloadTooLarge(
+                f"request body is {length} bytes; the limit is {settings.HEARTH_MAX_UPLOAD_BYTES}"
+            )
+        data: Any = request.data
         upload = request.FILES.get("file") if hasattr(request, "FILES") else None
         if upload is not None and "inputs" in data:
             raise ValidationError({"inputs": ["send inputs inline or as a file, not both"]})
         if upload is not None:
             if upload.size > settings.HEARTH_MAX_UPLOAD_BYTES:
-                raise PayloadTooLarge(f"file is {upload.size} bytes; the limit is {settings.HEARTH_MAX_UPLOAD_BYTES}")
+                raise PayloadTooLarge(
+                    f"file is {upload.size} bytes; the limit is {settings.HEARTH_MAX_UPLOAD_BYTES}"
+                )
             inputs: Any = inputs_from_jsonl(upload.read())
         elif "inputs" in data:
             inputs = data["inputs"]
         else:
-            raise ValidationError({"inputs": ["inputs is required (a list of strings, or upload a JSONL file)"]})
+            raise ValidationError(
+                {"inputs": ["inputs is required (a list of strings, or upload a JSONL file)"]}
+            )
         if "model" not in data:
             raise ValidationError({"model": ["model is required"]})
         try:
-            spec = check_job_spec(model_name=data["model"], inputs=inputs, task_size=_task_size(data.get("task_size")))
+            spec = check_job_spec(
+                model_name=data["model"], inputs=inputs, task_size=_task_size(data.get("task_size"))
+            )
         except JobTooLarge as exc:
             raise PayloadTooLarge(str(exc)) from exc
-        job = job_submit(buyer=request.user, spec=spec)
+        job = job_submit(buyer=request_user(request), spec=spec)
         return Response(job_summary(job=job), status=status.HTTP_201_CREATED)
 
 

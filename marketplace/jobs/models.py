@@ -14,7 +14,9 @@ class Job(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     buyer = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="jobs")
     model = models.ForeignKey("catalog.CatalogModel", on_delete=models.PROTECT, related_name="jobs")
-    status = models.CharField(max_length=10, choices=JobStatus.choices, default=JobStatus.QUEUED, db_index=True)
+    status = models.CharField(
+        max_length=10, choices=JobStatus.choices, default=JobStatus.QUEUED, db_index=True
+    )
     task_size = models.PositiveIntegerField()
     items_total = models.PositiveIntegerField()
     items_done = models.PositiveIntegerField(default=0)

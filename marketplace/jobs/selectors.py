@@ -55,6 +55,7 @@ def job_results_jsonl(*, job: Job) -> Iterator[str]:
     """One line per input, in input order: {"index": i, "embedding": [...]}."""
     tasks = Task.objects.filter(job=job, status=TaskStatus.SUCCEEDED).order_by("index")
     for task in tasks.only("first_item", "output", "dimension", "item_count").iterator(chunk_size=16):
+        assert task.output is not None and task.dimension is not None  # set together on success
         vectors = np.frombuffer(bytes(task.output), dtype="<f4").reshape(task.item_count, task.dimension)
         for offset, vector in enumerate(vectors):
             yield json.dumps({"index": task.first_item + offset, "embedding": vector.tolist()}) + "\n"

@@ -64,7 +64,9 @@ def check_job_spec(*, model_name: str, inputs: object, task_size: int | None) ->
             )
     size = settings.HEARTH_DEFAULT_TASK_SIZE if task_size is None else task_size
     if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= settings.HEARTH_MAX_TASK_SIZE:
-        raise ValidationError({"task_size": [f"task_size must be an integer from 1 to {settings.HEARTH_MAX_TASK_SIZE}"]})
+        raise ValidationError(
+            {"task_size": [f"task_size must be an integer from 1 to {settings.HEARTH_MAX_TASK_SIZE}"]}
+        )
     return JobSpec(model=model, inputs=inputs, task_size=size)
 
 
@@ -120,7 +122,9 @@ def _job_finish(*, job_id: uuid.UUID, status: str, reason: str, now: datetime) -
 def job_cancel(*, job: Job) -> Job:
     """Cancel an active job; a finished job is left as it is (idempotent)."""
     Job.objects.select_for_update().filter(pk=job.pk).first()
-    _job_finish(job_id=job.pk, status=JobStatus.CANCELLED, reason="cancelled by the buyer", now=timezone.now())
+    _job_finish(
+        job_id=job.pk, status=JobStatus.CANCELLED, reason="cancelled by the buyer", now=timezone.now()
+    )
     job.refresh_from_db()
     return job
 
@@ -160,7 +164,7 @@ def _release_all(tasks: list[Task], *, reason: str, now: datetime) -> int:
     return released
 
 
-def tasks_requeue_for_host(*, host_id: object, reason: str) -> int:
+def tasks_requeue_for_host(*, host_id: uuid.UUID, reason: str) -> int:
     """Requeue every lease a host holds (it went away or lost its token)."""
     tasks = list(Task.objects.filter(status=TaskStatus.LEASED, leased_to_id=host_id))
     return _release_all(tasks, reason=reason, now=timezone.now())
@@ -173,7 +177,7 @@ def leases_requeue_expired(*, now: datetime | None = None) -> int:
     return _release_all(tasks, reason="lease expired", now=now)
 
 
-def leases_renew(*, host_id: object, lease_ids: list[str], now: datetime) -> int:
+def leases_renew(*, host_id: uuid.UUID, lease_ids: list[str], now: datetime) -> int:
     """Extend leases the agent reports holding; only its own, only while leased."""
     valid: list[uuid.UUID] = []
     for lease_id in lease_ids:
@@ -196,17 +200,20 @@ class ResultOutcome:
     job_finished: bool = False
 
 
-def _leased_task(*, host_id: object, task_id: str, lease_id: str) -> Task | None:
+def _leased_task(*, host_id: uuid.UUID, task_id: str, lease_id: str) -> Task | None:
     try:
         return Task.objects.select_related("job__model").get(
-            pk=uuid.UUID(task_id), lease_id=uuid.UUID(lease_id), leased_to_id=host_id, status=TaskStatus.LEASED
+            pk=uuid.UUID(task_id),
+            lease_id=uuid.UUID(lease_id),
+            leased_to_id=host_id,
+            status=TaskStatus.LEASED,
         )
     except (ValueError, Task.DoesNotExist):
         return None
 
 
 @transaction.atomic
-def task_result_accept(*, host_id: object, payload: protocol.TaskResultPayload) -> ResultOutcome:
+def task_result_accept(*, host_id: uuid.UUID, payload: protocol.TaskResultPayload) -> ResultOutcome:
     """Store a result from the current leaseholder; anyone else is refused."""
     task = _leased_task(host_id=host_id, task_id=payload.task_id, lease_id=payload.lease_id)
     if task is None:
@@ -246,7 +253,7 @@ def task_result_accept(*, host_id: object, payload: protocol.TaskResultPayload) 
 
 
 @transaction.atomic
-def task_fail(*, host_id: object, payload: protocol.TaskFailedPayload) -> ResultOutcome:
+def task_fail(*, host_id: uuid.UUID, payload: protocol.TaskFailedPayload) -> ResultOutcome:
     """The leaseholder reports a failure: requeue (bounded) or fail the job."""
     task = _leased_task(host_id=host_id, task_id=payload.task_id, lease_id=payload.lease_id)
     if task is None:
@@ -262,4 +269,6 @@ def task_fail(*, host_id: object, payload: protocol.TaskFailedPayload) -> Result
 def job_mark_started(*, job_ids: set[uuid.UUID], now: datetime) -> None:
     """queued → running once a first task is leased (outside the claim's transaction)."""
     if job_ids:
-        Job.objects.filter(pk__in=job_ids, status=JobStatus.QUEUED).update(status=JobStatus.RUNNING, started_at=now)
+        Job.objects.filter(pk__in=job_ids, status=JobStatus.QUEUED).update(
+            status=JobStatus.RUNNING, started_at=now
+        )

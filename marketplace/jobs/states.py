@@ -32,7 +32,9 @@ JOB_TRANSITIONS: dict[str, frozenset[str]] = {
 TASK_TRANSITIONS: dict[str, frozenset[str]] = {
     TaskStatus.QUEUED: frozenset({TaskStatus.LEASED, TaskStatus.CANCELLED, TaskStatus.FAILED}),
     # LEASED -> QUEUED is a requeue (lease expired, agent gone, retryable failure).
-    TaskStatus.LEASED: frozenset({TaskStatus.SUCCEEDED, TaskStatus.QUEUED, TaskStatus.FAILED, TaskStatus.CANCELLED}),
+    TaskStatus.LEASED: frozenset(
+        {TaskStatus.SUCCEEDED, TaskStatus.QUEUED, TaskStatus.FAILED, TaskStatus.CANCELLED}
+    ),
     TaskStatus.SUCCEEDED: frozenset(),
     TaskStatus.FAILED: frozenset(),
     TaskStatus.CANCELLED: frozenset(),

@@ -38,7 +38,9 @@ def _host_view(host: Host) -> HostView:
     return HostView(ready=host.ready, slots=host.slots, leased=leased, memory_mb=host.memory_mb)
 
 
-def tasks_claim_for_host(*, host_id: object, channel_name: str, now: datetime | None = None) -> list[Assignment]:
+def tasks_claim_for_host(
+    *, host_id: uuid.UUID, channel_name: str, now: datetime | None = None
+) -> list[Assignment]:
     """Lease up to the host's free slots of queued tasks, oldest job first.
 
     Only the connection named by `channel_name` may claim: a stale consumer

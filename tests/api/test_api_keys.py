@@ -20,7 +20,10 @@ def test_signup_then_a_key_created_with_the_password_authenticates_the_api() -> 
     assert signup.status_code == 201
     assert signup.json()["role"] == "buyer"
     basic = APIClient()
-    basic.credentials(HTTP_AUTHORIZATION="Basic " + __import__("base64").b64encode(b"ada@example.com:a-long-passphrase").decode())
+    basic.credentials(
+        HTTP_AUTHORIZATION="Basic "
+        + __import__("base64").b64encode(b"ada@example.com:a-long-passphrase").decode()
+    )
     created = basic.post("/api/v1/keys", {"name": "ci"}, format="json")
     assert created.status_code == 201
     key = created.json()["key"]
@@ -58,11 +61,16 @@ def test_a_key_needs_a_name(api: APIClient) -> None:
 
 def test_signup_names_the_field_that_is_wrong() -> None:
     client = APIClient()
-    assert "email" in client.post("/api/v1/auth/signup", {"email": "nope", "password": "x" * 12}, format="json").json()
+    assert (
+        "email"
+        in client.post("/api/v1/auth/signup", {"email": "nope", "password": "x" * 12}, format="json").json()
+    )
     weak = client.post("/api/v1/auth/signup", {"email": "a@b.co", "password": "short"}, format="json")
     assert weak.status_code == 400 and "password" in weak.json()
     client.post("/api/v1/auth/signup", {"email": "dup@b.co", "password": "long-enough-pw"}, format="json")
-    dup = client.post("/api/v1/auth/signup", {"email": "DUP@b.co", "password": "long-enough-pw"}, format="json")
+    dup = client.post(
+        "/api/v1/auth/signup", {"email": "DUP@b.co", "password": "long-enough-pw"}, format="json"
+    )
     assert dup.status_code == 400 and "already exists" in dup.json()["email"][0]
 
 

@@ -70,7 +70,9 @@ def test_it_names_the_line_of_a_malformed_jsonl_upload(api: Any, catalog: Any) -
         (["", "  "], "file holds no inputs"),
     ],
 )
-def test_it_rejects_jsonl_lines_that_are_not_texts(api: Any, catalog: Any, lines: list[str], message: str) -> None:
+def test_it_rejects_jsonl_lines_that_are_not_texts(
+    api: Any, catalog: Any, lines: list[str], message: str
+) -> None:
     before = _stored()
     response = api.post("/api/v1/jobs", {"model": MODEL, "file": _jsonl(lines)}, format="multipart")
     assert response.status_code == 400
@@ -113,9 +115,11 @@ def test_it_answers_413_for_an_upload_over_the_byte_limit(api: Any, catalog: Any
 
 def test_it_accepts_a_jsonl_upload_and_splits_it_into_tasks(api: Any, catalog: Any) -> None:
     upload = _jsonl([json.dumps(f"sentence {i}") for i in range(10)])
-    response = api.post("/api/v1/jobs", {"model": MODEL, "file": upload, "task_size": "4"}, format="multipart")
+    response = api.post(
+        "/api/v1/jobs", {"model": MODEL, "file": upload, "task_size": "4"}, format="multipart"
+    )
     assert response.status_code == 201, response.content
     job = Job.objects.get(pk=response.json()["id"])
     assert [t.item_count for t in job.tasks.order_by("index")] == [4, 4, 2]
-    assert job.tasks.order_by("index").last().inputs == ["sentence 8", "sentence 9"]
+    assert [t.inputs for t in job.tasks.order_by("index")][-1] == ["sentence 8", "sentence 9"]
     assert response.json()["tasks"]["queued"] == 3

@@ -33,7 +33,9 @@ def test_it_answers_401_for_an_unknown_api_key(catalog: Any) -> None:
 
 
 @pytest.mark.parametrize("suffix", ["", "/results", "/cancel"])
-def test_it_answers_404_for_another_buyers_job(api: APIClient, other_api: APIClient, catalog: Any, suffix: str) -> None:
+def test_it_answers_404_for_another_buyers_job(
+    api: APIClient, other_api: APIClient, catalog: Any, suffix: str
+) -> None:
     job_id = _submit(api)
     method = other_api.post if suffix == "/cancel" else other_api.get
     assert method(f"/api/v1/jobs/{job_id}{suffix}").status_code == 404

@@ -16,7 +16,9 @@ pytestmark = pytest.mark.integration
 
 def test_the_job_completes_on_the_other_agent_when_one_is_killed(stack: LocalStack, minilm: Any) -> None:
     owner = stack.signup(email="killer-test@example.com", role="host")
-    victim = stack.start_agent(name="victim", home=stack.enroll_agent(name="victim", token=stack.enrollment_token(owner=owner)))
+    victim = stack.start_agent(
+        name="victim", home=stack.enroll_agent(name="victim", token=stack.enrollment_token(owner=owner))
+    )
     survivor = stack.start_agent(
         name="survivor", home=stack.enroll_agent(name="survivor", token=stack.enrollment_token(owner=owner))
     )

@@ -24,8 +24,15 @@ def _hello(slots: int = 1) -> str:
     return protocol.dump_frame(
         protocol.Hello(
             payload=protocol.HelloPayload(
-                agent_version="test-client", protocol_version=protocol.PROTOCOL_VERSION, hostname="probe",
-                os="linux", cpu_model="test", cpu_count=1, memory_mb=8192, device="cpu", slots=slots,
+                agent_version="test-client",
+                protocol_version=protocol.PROTOCOL_VERSION,
+                hostname="probe",
+                os="linux",
+                cpu_model="test",
+                cpu_count=1,
+                memory_mb=8192,
+                device="cpu",
+                slots=slots,
             )
         )
     )
@@ -41,7 +48,9 @@ def _enroll_token(stack: LocalStack, owner: tuple[str, str], name: str) -> str:
 
 
 async def _close_code_for(stack: LocalStack, token: str) -> int | None:
-    async with websockets.connect(_ws_url(stack), additional_headers={"Authorization": f"Bearer {token}"}) as ws:
+    async with websockets.connect(
+        _ws_url(stack), additional_headers={"Authorization": f"Bearer {token}"}
+    ) as ws:
         try:
             # The server may close before the hello is even sent.
             await ws.send(_hello())
@@ -71,7 +80,11 @@ def test_the_agent_stops_instead_of_retrying_when_its_token_is_revoked(stack: Lo
         host = http.get("/api/v1/hosts").json()[0]
         http.post(f"/api/v1/hosts/{host['id']}/revoke").raise_for_status()
     run = subprocess.run(
-        stack.agent_command("run", "--home", str(home)), env=stack._agent_env(), capture_output=True, text=True, timeout=120
+        stack.agent_command("run", "--home", str(home)),
+        env=stack._agent_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert run.returncode != 0
     assert "revoked" in (run.stdout + run.stderr).lower() or "auth" in (run.stdout + run.stderr).lower()
@@ -82,7 +95,9 @@ def test_revoking_a_connected_host_closes_its_socket(stack: LocalStack) -> None:
     token = _enroll_token(stack, owner, "live")
 
     async def scenario() -> int | None:
-        async with websockets.connect(_ws_url(stack), additional_headers={"Authorization": f"Bearer {token}"}) as ws:
+        async with websockets.connect(
+            _ws_url(stack), additional_headers={"Authorization": f"Bearer {token}"}
+        ) as ws:
             await ws.send(_hello())
             assert json.loads(await ws.recv())["type"] == "welcome.v1"
             with stack.client(auth=owner) as http:
@@ -110,10 +125,14 @@ def test_a_result_sent_by_a_host_that_does_not_hold_the_lease_is_rejected(stack:
             await holder.recv()
             with stack.client(headers={"Authorization": f"Bearer {api_key}"}) as http:
                 await asyncio.to_thread(
-                    http.post, "/api/v1/jobs", json={"model": "all-MiniLM-L6-v2", "inputs": ["x"], "task_size": 1}
+                    http.post,
+                    "/api/v1/jobs",
+                    json={"model": "all-MiniLM-L6-v2", "inputs": ["x"], "task_size": 1},
                 )
             # Only the holder says ready, so the new task can only go to it.
-            await holder.send(protocol.dump_frame(protocol.Ready(payload=protocol.ReadyPayload(models=[], free_slots=1))))
+            await holder.send(
+                protocol.dump_frame(protocol.Ready(payload=protocol.ReadyPayload(models=[], free_slots=1)))
+            )
             while True:
                 frame = protocol.parse_frame(await asyncio.wait_for(holder.recv(), timeout=20))
                 if isinstance(frame, protocol.TaskAssign) and frame.payload.inputs == ["x"]:
@@ -123,8 +142,14 @@ def test_a_result_sent_by_a_host_that_does_not_hold_the_lease_is_rejected(stack:
             b64, digest = protocol.encode_embeddings(raw)
             forged = protocol.TaskResult(
                 payload=protocol.TaskResultPayload(
-                    task_id=assignment.task_id, lease_id=assignment.lease_id, dimension=384, count=1,
-                    embeddings_b64=b64, output_sha256=digest, compute_ms=0.0, device="cpu",
+                    task_id=assignment.task_id,
+                    lease_id=assignment.lease_id,
+                    dimension=384,
+                    count=1,
+                    embeddings_b64=b64,
+                    output_sha256=digest,
+                    compute_ms=0.0,
+                    device="cpu",
                 )
             )
             intruder_headers = {"Authorization": f"Bearer {intruder_token}"}
@@ -147,8 +172,14 @@ def test_a_malformed_frame_closes_the_socket_with_a_named_code(stack: LocalStack
 
     async def scenario() -> list[int | None]:
         codes = []
-        for garbage in ["not json", json.dumps({"type": "hello.v1", "payload": {"extra": 1}}), json.dumps({"type": "hello.v9"})]:
-            async with websockets.connect(_ws_url(stack), additional_headers={"Authorization": f"Bearer {token}"}) as ws:
+        for garbage in [
+            "not json",
+            json.dumps({"type": "hello.v1", "payload": {"extra": 1}}),
+            json.dumps({"type": "hello.v9"}),
+        ]:
+            async with websockets.connect(
+                _ws_url(stack), additional_headers={"Authorization": f"Bearer {token}"}
+            ) as ws:
                 await ws.send(garbage)
                 try:
                     await asyncio.wait_for(ws.recv(), timeout=10)

@@ -16,7 +16,9 @@ def test_a_cancelled_job_stops_and_the_next_job_still_completes(stack: LocalStac
     api_key = stack.buyer()
     inputs = [f"long job item {i}" for i in range(4000)]
     with stack.client(headers={"Authorization": f"Bearer {api_key}"}) as http:
-        big = http.post("/api/v1/jobs", json={"model": "all-MiniLM-L6-v2", "inputs": inputs, "task_size": 20}).json()
+        big = http.post(
+            "/api/v1/jobs", json={"model": "all-MiniLM-L6-v2", "inputs": inputs, "task_size": 20}
+        ).json()
         deadline = time.monotonic() + 60
         while http.get(f"/api/v1/jobs/{big['id']}").json()["items_done"] == 0:
             assert time.monotonic() < deadline, "the job never started"
@@ -27,7 +29,9 @@ def test_a_cancelled_job_stops_and_the_next_job_still_completes(stack: LocalStac
         assert cancelled["tasks"]["queued"] == cancelled["tasks"]["leased"] == 0
         assert 0 < cancelled["items_done"] < len(inputs)
 
-        small = http.post("/api/v1/jobs", json={"model": "all-MiniLM-L6-v2", "inputs": ["after the cancel"]}).json()
+        small = http.post(
+            "/api/v1/jobs", json={"model": "all-MiniLM-L6-v2", "inputs": ["after the cancel"]}
+        ).json()
         done = stack.wait_job(api_key=api_key, job_id=small["id"], timeout=120)
         assert done["status"] == "succeeded"
         after = http.get(f"/api/v1/jobs/{big['id']}").json()

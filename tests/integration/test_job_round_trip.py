@@ -12,7 +12,9 @@ from marketplace.devstack import LocalStack
 
 pytestmark = pytest.mark.integration
 
-SENTENCES = [f"Home battery {i} charged from rooftop solar at {i % 24}:00 while the GPU idled." for i in range(150)]
+SENTENCES = [
+    f"Home battery {i} charged from rooftop solar at {i % 24}:00 while the GPU idled." for i in range(150)
+]
 
 
 def _results(stack: LocalStack, api_key: str, job_id: str) -> list[dict[str, Any]]:
@@ -23,10 +25,14 @@ def _results(stack: LocalStack, api_key: str, job_id: str) -> list[dict[str, Any
         return [json.loads(line) for line in response.text.splitlines()]
 
 
-def test_results_equal_embedding_the_same_sentences_directly(stack: LocalStack, fleet: list[Any], minilm: Any) -> None:
+def test_results_equal_embedding_the_same_sentences_directly(
+    stack: LocalStack, fleet: list[Any], minilm: Any
+) -> None:
     api_key = stack.buyer()
     with stack.client(headers={"Authorization": f"Bearer {api_key}"}) as http:
-        created = http.post("/api/v1/jobs", json={"model": "all-MiniLM-L6-v2", "inputs": SENTENCES, "task_size": 16})
+        created = http.post(
+            "/api/v1/jobs", json={"model": "all-MiniLM-L6-v2", "inputs": SENTENCES, "task_size": 16}
+        )
         assert created.status_code == 201, created.text
     job = stack.wait_job(api_key=api_key, job_id=created.json()["id"])
     assert job["status"] == "succeeded", job
@@ -59,7 +65,9 @@ def test_a_jsonl_upload_runs_like_inline_inputs(stack: LocalStack, fleet: list[A
     assert np.allclose(got, expected, atol=1e-4)
 
 
-def test_agents_report_the_network_isolation_they_got(stack: LocalStack, fleet: list[Any], owner: Any) -> None:
+def test_agents_report_the_network_isolation_they_got(
+    stack: LocalStack, fleet: list[Any], owner: Any
+) -> None:
     with stack.client(auth=owner) as http:
         hosts = http.get("/api/v1/hosts").json()
     assert len(hosts) >= 2

@@ -30,11 +30,15 @@ pytestmark = pytest.mark.django_db
 
 
 def _job(buyer: Any, n: int = 4, task_size: int = 2) -> Job:
-    spec = check_job_spec(model_name="all-MiniLM-L6-v2", inputs=[f"s{i}" for i in range(n)], task_size=task_size)
+    spec = check_job_spec(
+        model_name="all-MiniLM-L6-v2", inputs=[f"s{i}" for i in range(n)], task_size=task_size
+    )
     return job_submit(buyer=buyer, spec=spec)
 
 
-def _result(assignment: Assignment, *, dimension: int = 384, count: int | None = None) -> protocol.TaskResultPayload:
+def _result(
+    assignment: Assignment, *, dimension: int = 384, count: int | None = None
+) -> protocol.TaskResultPayload:
     count = len(assignment.inputs) if count is None else count
     raw = np.ones((count, dimension), dtype="<f4").tobytes()
     b64, digest = protocol.encode_embeddings(raw)
@@ -96,8 +100,10 @@ def test_the_job_succeeds_when_its_last_task_reports(buyer: Any, catalog: Any, h
     assert job.finished_at is not None
 
 
-def test_a_result_from_a_host_that_is_not_the_leaseholder_is_rejected(buyer: Any, catalog: Any, host: Any) -> None:
-    intruder = HostFactory()
+def test_a_result_from_a_host_that_is_not_the_leaseholder_is_rejected(
+    buyer: Any, catalog: Any, host: Any
+) -> None:
+    intruder = HostFactory.create()
     _job(buyer)
     assignment = _claim(host)[0]
     outcome = task_result_accept(host_id=intruder.pk, payload=_result(assignment))
@@ -143,7 +149,9 @@ def test_a_result_whose_digest_does_not_match_is_rejected(buyer: Any, catalog: A
     assert "output_sha256" in outcome.reason
 
 
-def test_an_expired_lease_is_requeued_and_the_late_result_rejected(buyer: Any, catalog: Any, host: Any) -> None:
+def test_an_expired_lease_is_requeued_and_the_late_result_rejected(
+    buyer: Any, catalog: Any, host: Any
+) -> None:
     _job(buyer, n=2, task_size=2)
     assignment = _claim(host)[0]
     with time_machine.travel(timezone.now() + timedelta(hours=1)):
@@ -158,9 +166,12 @@ def test_a_heartbeat_renews_only_the_hosts_own_leases(buyer: Any, catalog: Any, 
     _job(buyer, n=8, task_size=2)
     mine, theirs = _claim(host)[0], _claim(other)[0]
     later = timezone.now() + timedelta(minutes=30)
-    renewed = leases_renew(host_id=host.pk, lease_ids=[str(mine.lease_id), str(theirs.lease_id), "junk"], now=later)
+    renewed = leases_renew(
+        host_id=host.pk, lease_ids=[str(mine.lease_id), str(theirs.lease_id), "junk"], now=later
+    )
     assert renewed == 1
-    assert Task.objects.get(pk=theirs.task_id).lease_expires_at < later
+    expires = Task.objects.get(pk=theirs.task_id).lease_expires_at
+    assert expires is not None and expires < later
 
 
 def test_a_disconnect_requeues_the_hosts_leases_for_another_host(buyer: Any, catalog: Any, host: Any) -> None:
@@ -182,7 +193,7 @@ def test_a_disconnect_of_a_replaced_connection_changes_nothing(buyer: Any, catal
 def test_a_task_that_keeps_failing_fails_its_job_with_a_reason(buyer: Any, catalog: Any) -> None:
     job = _job(buyer, n=4, task_size=2)
     for _attempt in range(2):
-        host = HostFactory(slots=1)
+        host = HostFactory.create(slots=1)
         assignment = _claim(host)[0]
         failure = protocol.TaskFailedPayload(
             task_id=str(assignment.task_id), lease_id=str(assignment.lease_id), reason="worker crashed"

@@ -11,7 +11,12 @@ from django.core.exceptions import ValidationError
 from django.utils import timezone
 from rest_framework.test import APIClient
 
-from marketplace.hosts.services import enrollment_token_create, host_authenticate, host_enroll, host_token_revoke
+from marketplace.hosts.services import (
+    enrollment_token_create,
+    host_authenticate,
+    host_enroll,
+    host_token_revoke,
+)
 
 pytestmark = pytest.mark.django_db
 
@@ -26,7 +31,10 @@ def test_an_enrollment_token_works_once(host_owner: Any) -> None:
 
 def test_an_expired_enrollment_token_is_refused(host_owner: Any) -> None:
     token = enrollment_token_create(owner=host_owner).plaintext
-    with time_machine.travel(timezone.now() + timedelta(days=2)), pytest.raises(ValidationError, match="expired"):
+    with (
+        time_machine.travel(timezone.now() + timedelta(days=2)),
+        pytest.raises(ValidationError, match="expired"),
+    ):
         host_enroll(enrollment_token=token, name="late")
 
 

@@ -10,4 +10,6 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         for model in catalog_builtin_sync():
-            self.stdout.write(f"{model.name} weights sha256={model.weights_sha256} files={model.files.count()}")
+            self.stdout.write(
+                f"{model.name} weights sha256={model.weights_sha256} files={model.files.count()}"
+            )

@@ -21,17 +21,21 @@ def request_user(request: Request) -> User:
     return user
 
 
-class ApiKeyAuthentication(BaseAuthentication):
-    keyword = b"bearer"
+def bearer_secret(request: Request, *, kind: str) -> str | None:
+    """The `Bearer` secret of the given kind (`hk`, `ht`, …), or None to let another scheme try."""
+    parts = get_authorization_header(request).split()
+    if not parts or parts[0].lower() != b"bearer":
+        return None
+    if len(parts) != 2:
+        raise exceptions.AuthenticationFailed("Authorization header must be 'Bearer <secret>'")
+    plaintext = parts[1].decode(errors="replace")
+    return plaintext if plaintext.startswith(f"{kind}_") else None
 
+
+class ApiKeyAuthentication(BaseAuthentication):
     def authenticate(self, request: Request) -> tuple[Any, Any] | None:
-        parts = get_authorization_header(request).split()
-        if not parts or parts[0].lower() != self.keyword:
-            return None
-        if len(parts) != 2:
-            raise exceptions.AuthenticationFailed("Authorization header must be 'Bearer <api key>'")
-        plaintext = parts[1].decode(errors="replace")
-        if not plaintext.startswith(f"{API_KEY_KIND}_"):
+        plaintext = bearer_secret(request, kind=API_KEY_KIND)
+        if plaintext is None:
             return None
         key = api_key_authenticate(plaintext=plaintext)
         if key is None:

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TypeVar
+
+N = TypeVar("N", int, float)
 
 
 class ImproperEnvironment(ValueError):
@@ -30,30 +33,26 @@ def env_optional(name: str) -> str | None:
     return value or None
 
 
-def env_int(name: str, default: int, *, minimum: int | None = None) -> int:
+def _env_number(name: str, default: N, parse: type[N], minimum: N | None) -> N:
     value = _raw(name)
     if value is None or value == "":
         return default
     try:
-        number = int(value)
+        number = parse(value)
     except ValueError as exc:
-        raise ImproperEnvironment(f"{name} must be an integer, got {value!r}") from exc
+        kind = "an integer" if parse is int else "a number"
+        raise ImproperEnvironment(f"{name} must be {kind}, got {value!r}") from exc
     if minimum is not None and number < minimum:
         raise ImproperEnvironment(f"{name} must be >= {minimum}, got {number}")
     return number
+
+
+def env_int(name: str, default: int, *, minimum: int | None = None) -> int:
+    return _env_number(name, default, int, minimum)
 
 
 def env_float(name: str, default: float, *, minimum: float | None = None) -> float:
-    value = _raw(name)
-    if value is None or value == "":
-        return default
-    try:
-        number = float(value)
-    except ValueError as exc:
-        raise ImproperEnvironment(f"{name} must be a number, got {value!r}") from exc
-    if minimum is not None and number < minimum:
-        raise ImproperEnvironment(f"{name} must be >= {minimum}, got {number}")
-    return number
+    return _env_number(name, default, float, minimum)
 
 
 def env_bool(name: str, default: bool) -> bool:

@@ -24,6 +24,7 @@ def _host_json(host: Host) -> dict[str, Any]:
         "name": host.name,
         "status": host.status,
         "ready": host.ready,
+        "tasks_in_flight": getattr(host, "tasks_in_flight", None),
         "revoked": host.revoked_at is not None,
         "agent_version": host.agent_version,
         "device": host.device,

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from django.db.models import QuerySet
+from django.db.models import Count, Q, QuerySet
 
 from marketplace.accounts.models import User
 from marketplace.hosts.models import Host
 
 
 def host_list_for_owner(*, owner: User) -> QuerySet[Host]:
-    return Host.objects.filter(owner=owner)
+    """The owner's machines, each annotated with `tasks_in_flight` (leases it holds now)."""
+    return Host.objects.filter(owner=owner).annotate(
+        tasks_in_flight=Count("leased_tasks", filter=Q(leased_tasks__status="leased"))
+    )
 
 
 def host_list_dispatchable() -> QuerySet[Host]:

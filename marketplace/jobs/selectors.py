@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-from django.db.models import Count, QuerySet
+from django.db.models import Count, QuerySet, Sum
 
 from marketplace.accounts.models import User
 from marketplace.jobs.models import Job, Task
@@ -28,6 +28,11 @@ def job_get_for_buyer(*, buyer: User, job_id: str) -> Job | None:
     return job_list_for_buyer(buyer=buyer).filter(pk=key).first()
 
 
+def job_task_attempts(*, job: Job) -> int:
+    """Leases granted over all tasks; above the task count means some task was re-run."""
+    return int(Task.objects.filter(job=job).aggregate(total=Sum("attempt"))["total"] or 0)
+
+
 def job_task_counts(*, job: Job) -> dict[str, int]:
     counts = {status: 0 for status in TaskStatus.values}
     for row in Task.objects.filter(job=job).values("status").annotate(n=Count("id")):
@@ -44,6 +49,7 @@ def job_summary(*, job: Job) -> dict[str, Any]:
         "items_total": job.items_total,
         "items_done": job.items_done,
         "tasks": job_task_counts(job=job),
+        "task_attempts": job_task_attempts(job=job),
         "failure_reason": job.failure_reason,
         "created_at": job.created_at,
         "started_at": job.started_at,

@@ -96,6 +96,7 @@ class LocalStack:
     quiet: bool = True
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
     agents: list[AgentProcess] = field(default_factory=list)
+    _server: subprocess.Popen[bytes] = field(init=False)
     _pg_database: str | None = None
     _env: dict[str, str] = field(default_factory=dict)
 
@@ -122,23 +123,7 @@ class LocalStack:
         manage = [sys.executable, str(ROOT / "manage.py")]
         subprocess.run([*manage, "migrate", "--noinput", "-v0"], env=self._env, check=True, cwd=ROOT)
         subprocess.run([*manage, "catalog_sync"], env=self._env, check=True, cwd=ROOT, capture_output=True)
-        self._spawn(
-            "server",
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "marketplace.config.asgi:application",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--lifespan",
-                "on",
-                "--ws-max-size",
-                str(32 * 1024 * 1024),
-            ],
-        )
+        self._server = self._start_server()
         if os.environ.get("REDIS_URL") and self._env.get("HEARTH_BACKGROUND", "celery") == "celery":
             self._spawn(
                 "celery",
@@ -160,6 +145,24 @@ class LocalStack:
             )
         self._wait_http(f"{self.url}/api/v1/models", timeout=60)
         return self
+
+    def _start_server(self) -> subprocess.Popen[bytes]:
+        return self._spawn(
+            "server",
+            [
+                sys.executable, "-m", "uvicorn", "marketplace.config.asgi:application",
+                "--host", "127.0.0.1", "--port", str(self.port), "--lifespan", "on",
+                "--ws-max-size", str(32 * 1024 * 1024),
+            ],
+        )  # fmt: skip
+
+    def crash_and_restart_server(self) -> None:
+        """SIGKILL the server (no goodbye to any socket), then start it again on the same port."""
+        os.killpg(self._server.pid, signal.SIGKILL)
+        self._server.wait(timeout=10)
+        self.processes.remove(self._server)
+        self._server = self._start_server()
+        self._wait_http(f"{self.url}/api/v1/models", timeout=60)
 
     def stop(self) -> None:
         for agent in self.agents:

@@ -95,10 +95,17 @@ def _offline_after(now: datetime) -> datetime:
 
 @transaction.atomic
 def host_connect(*, host_id: uuid.UUID, channel_name: str, hello: protocol.HelloPayload) -> Host:
-    """Record a new live connection; an older connection of the same host is closed."""
+    """Record a new live connection; an older connection of the same host is closed.
+
+    A new session holds no leases (agents drop theirs with the old socket), so
+    whatever the host still held is requeued now rather than at lease expiry.
+    """
+    from marketplace.jobs.services import tasks_requeue_for_host
+
     host = Host.objects.select_for_update().get(pk=host_id)
     if host.channel_name and host.channel_name != channel_name:
         notify.on_commit_close(host.channel_name, protocol.CloseCode.REPLACED)
+    tasks_requeue_for_host(host_id=host_id, reason="agent started a new session")
     now = timezone.now()
     host.channel_name = channel_name
     host.status = Host.Status.ONLINE

@@ -204,3 +204,20 @@ def test_a_task_that_keeps_failing_fails_its_job_with_a_reason(buyer: Any, catal
     assert "task 0 failed after 2 attempts" in job.failure_reason
     assert "worker crashed" in job.failure_reason
     assert set(job.tasks.values_list("status", flat=True)) == {"failed"}
+
+
+def test_a_new_session_of_a_host_releases_the_leases_of_its_previous_session(
+    buyer: Any, catalog: Any, host: Any
+) -> None:
+    from marketplace.hosts.services import host_connect
+
+    _job(buyer, n=4, task_size=2)
+    taken = {a.task_id for a in _claim(host)}
+    hello = protocol.HelloPayload(
+        agent_version="t", protocol_version=1, hostname="h", os="linux", cpu_model="c", cpu_count=2,
+        memory_mb=8192, device="cpu", slots=2,
+    )  # fmt: skip
+    host_connect(host_id=host.pk, channel_name="a.new.channel", hello=hello)
+    tasks = Task.objects.filter(pk__in=taken)
+    assert set(tasks.values_list("status", flat=True)) == {"queued"}
+    assert set(tasks.values_list("last_error", flat=True)) == {"agent started a new session"}

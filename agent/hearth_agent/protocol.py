@@ -16,6 +16,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from hearth_agent.policy import EnergyPolicy
+
 PROTOCOL_VERSION = 1
 WS_PATH = "/ws/agent/"
 MAX_FRAME_BYTES = 16 * 1024 * 1024
@@ -137,6 +139,8 @@ class TaskResultPayload(_Strict):
     output_sha256: str
     compute_ms: float = Field(ge=0)
     device: str
+    energy_wh: float | None = Field(default=None, ge=0, description="energy the batch used")
+    energy_source: Literal["nvml", "estimate"] | None = None
 
 
 class TaskFailedPayload(_Strict):
@@ -144,6 +148,41 @@ class TaskFailedPayload(_Strict):
     lease_id: str
     reason: str
     retryable: bool = True
+
+
+class TaskReleasePayload(_Strict):
+    """The agent hands a lease back unrun (draining): requeued without counting as an attempt."""
+
+    task_id: str
+    lease_id: str
+    reason: str
+
+
+class PowerPayload(_Strict):
+    """One reading of the machine and its site, sent every power interval."""
+
+    source: Literal["nvml", "powerwall", "simulator", "none"]
+    gpu_w: float | None = Field(default=None, ge=0)
+    battery_soc_pct: float | None = Field(default=None, ge=0, le=100)
+    solar_w: float | None = Field(default=None, ge=0)
+    grid_w: float | None = Field(default=None, description="positive: importing from the grid")
+    load_w: float | None = Field(default=None, ge=0)
+    work_allowed: bool = Field(description="the agent's own verdict under its policy")
+    reason: str = ""
+
+
+class DrainPayload(_Strict):
+    """Agent → server: the owner wants the machine (draining=True) or gives it back (False)."""
+
+    draining: bool
+    reason: str
+
+
+class ConfigPayload(_Strict):
+    """Server → agent: the owner's policy, pushed live."""
+
+    policy: EnergyPolicy
+    power_interval_s: float = Field(gt=0)
 
 
 class TaskCancelPayload(_Strict):
@@ -201,6 +240,26 @@ class TaskFailed(_Frame):
     payload: TaskFailedPayload
 
 
+class TaskRelease(_Frame):
+    type: Literal["task.release.v1"] = "task.release.v1"
+    payload: TaskReleasePayload
+
+
+class Power(_Frame):
+    type: Literal["power.v1"] = "power.v1"
+    payload: PowerPayload
+
+
+class Drain(_Frame):
+    type: Literal["drain.v1"] = "drain.v1"
+    payload: DrainPayload
+
+
+class Config(_Frame):
+    type: Literal["config.v1"] = "config.v1"
+    payload: ConfigPayload
+
+
 class TaskCancel(_Frame):
     type: Literal["task.cancel.v1"] = "task.cancel.v1"
     payload: TaskCancelPayload
@@ -211,10 +270,22 @@ class TaskRejected(_Frame):
     payload: TaskRejectedPayload
 
 
-AgentFrame = Hello | Ready | Heartbeat | TaskResult | TaskFailed
-ServerFrame = Welcome | TaskAssign | TaskCancel | TaskRejected
+AgentFrame = Hello | Ready | Heartbeat | TaskResult | TaskFailed | TaskRelease | Power | Drain
+ServerFrame = Welcome | TaskAssign | TaskCancel | TaskRejected | Config
 Frame = Annotated[
-    Hello | Welcome | Ready | Heartbeat | TaskAssign | TaskResult | TaskFailed | TaskCancel | TaskRejected,
+    Hello
+    | Welcome
+    | Ready
+    | Heartbeat
+    | TaskAssign
+    | TaskResult
+    | TaskFailed
+    | TaskRelease
+    | TaskCancel
+    | TaskRejected
+    | Power
+    | Drain
+    | Config,
     Field(discriminator="type"),
 ]
 _FRAME_ADAPTER: TypeAdapter[Any] = TypeAdapter(Frame)

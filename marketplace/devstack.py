@@ -123,6 +123,8 @@ class LocalStack:
         manage = [sys.executable, str(ROOT / "manage.py")]
         subprocess.run([*manage, "migrate", "--noinput", "-v0"], env=self._env, check=True, cwd=ROOT)
         subprocess.run([*manage, "catalog_sync"], env=self._env, check=True, cwd=ROOT, capture_output=True)
+        # The wheel and systemd unit that /install.sh hands to new hosts.
+        subprocess.run([*manage, "agent_wheel"], env=self._env, check=True, cwd=ROOT, capture_output=True)
         self._server = self._start_server()
         if os.environ.get("REDIS_URL") and self._env.get("HEARTH_BACKGROUND", "celery") == "celery":
             self._spawn(
@@ -262,13 +264,15 @@ class LocalStack:
         )
         return home
 
-    def start_agent(self, *, name: str, home: Path, extra_args: tuple[str, ...] = ()) -> AgentProcess:
+    def start_agent(
+        self, *, name: str, home: Path, extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None
+    ) -> AgentProcess:
         log_path = self.workdir / f"agent-{name}.log"
         log = log_path.open("ab")
         process = subprocess.Popen(
             self.agent_command("run", "--home", str(home), *extra_args),
             cwd=ROOT,
-            env=self._agent_env(),
+            env={**self._agent_env(), **(env or {})},
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,

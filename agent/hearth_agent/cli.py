@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from hearth_agent import __version__
-from hearth_agent.config import ConfigError, cache_dir, config_dir, config_load, config_path
+from hearth_agent.config import ConfigError, cache_dir, config_dir, config_load, config_path, policy_path
 from hearth_agent.sandbox import SANDBOX_MODES
 
 log = logging.getLogger("hearth_agent")
@@ -73,6 +73,15 @@ async def _run_agent(args: argparse.Namespace) -> int:
     threads = args.threads or (
         int(os.environ["HEARTH_WORKER_THREADS"]) if os.environ.get("HEARTH_WORKER_THREADS") else None
     )
+    from hearth_agent.energy.sites import SiteConfigError, energy_monitor
+
+    try:
+        energy = energy_monitor(
+            config, policy_path=policy_path(home), site=args.site, sim_source=args.site_sim
+        )
+    except SiteConfigError as exc:
+        print(f"hearth-agent: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     agent = Agent(
         config,
         cache_root=cache_dir(home),
@@ -80,6 +89,7 @@ async def _run_agent(args: argparse.Namespace) -> int:
         sandbox=args.sandbox,
         hidden_paths=[config_dir(home)],
         threads=threads,
+        energy=energy,
     )
     log.info(
         "hearth-agent %s: host %s (%s) → %s, slots=%d, cache=%s",
@@ -95,8 +105,13 @@ async def _run_agent(args: argparse.Namespace) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         if main_task is not None:
             loop.add_signal_handler(signum, main_task.cancel)
+    from hearth_agent.control import AgentAlreadyRunning, control_serve
+
     try:
-        await agent.run()
+        await control_serve(agent, directory=config_dir(home))
+    except AgentAlreadyRunning as exc:
+        print(f"hearth-agent: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except asyncio.CancelledError:
         log.info("stopped by signal")
         return 0
@@ -113,6 +128,12 @@ async def _run_agent(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     return asyncio.run(_run_agent(args))
+
+
+def cmd_selftest(args: argparse.Namespace) -> int:
+    from hearth_agent.selftest import cmd_selftest as selftest
+
+    return selftest(args, hidden_paths=[config_dir(_home(args))])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,7 +166,31 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--threads", type=int, help="torch threads in the worker (default $HEARTH_WORKER_THREADS)"
     )
+    run.add_argument(
+        "--site",
+        choices=("none", "simulator", "powerwall"),
+        help="the home site to read (default $HEARTH_SITE, else the config's site, else none)",
+    )
+    run.add_argument(
+        "--site-sim",
+        metavar="JSON_OR_FILE",
+        help='simulator parameters, e.g. \'{"soc_pct": 22, "time_scale": 600}\' (default $HEARTH_SITE_SIM)',
+    )
     run.set_defaults(func=cmd_run)
+
+    selftest = sub.add_parser(
+        "selftest", help="run escape probes in the real sandbox; exit 0 only if all were contained"
+    )
+    selftest.add_argument("--home", help=home_help)
+    selftest.add_argument("--json", action="store_true", help="print one JSON object (logs go to stderr)")
+    selftest.add_argument(
+        "--sandbox", choices=SANDBOX_MODES, default=os.environ.get("HEARTH_AGENT_SANDBOX", "auto")
+    )
+    selftest.set_defaults(func=cmd_selftest)
+
+    from hearth_agent.owner_cli import owner_commands_add
+
+    owner_commands_add(sub, home_help=home_help)
     return parser
 
 

@@ -6,10 +6,12 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 CONFIG_FILENAME = "config.json"
+POLICY_FILENAME = "energy-policy.json"
 DEFAULT_SLOTS = 2
 
 
@@ -27,6 +29,14 @@ class AgentConfig(BaseModel):
     slots: int = Field(default=DEFAULT_SLOTS, ge=1, le=64)
     # Used only until the server's Welcome says otherwise.
     heartbeat_interval_s: float = Field(default=15.0, gt=0)
+    # The home site the agent reads (`run --site` and $HEARTH_SITE override it). The two dicts
+    # hold energy.simulator.SimulatorParams / energy.powerwall.PowerwallSettings fields, validated
+    # when the agent starts (the energy package imports this module, not the other way round).
+    site: Literal["none", "simulator", "powerwall"] = "none"
+    site_simulator: dict[str, Any] = Field(default_factory=dict)
+    powerwall: dict[str, Any] = Field(default_factory=dict, repr=False)
+    # CPU energy estimate when there is no NVML: watts per busy core.
+    watts_per_core: float = Field(default=15.0, gt=0)
 
 
 def config_dir(home: Path | None = None) -> Path:
@@ -56,29 +66,37 @@ def config_path(home: Path | None = None) -> Path:
     return config_dir(home) / CONFIG_FILENAME
 
 
+def policy_path(home: Path | None = None) -> Path:
+    """The owner's newest energy policy, as the server last pushed it."""
+    return config_dir(home) / POLICY_FILENAME
+
+
 def ensure_private_dir(path: Path) -> None:
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     # mkdir's mode is filtered by the umask and ignored for existing dirs.
     os.chmod(path, 0o700)
 
 
-def config_save(config: AgentConfig, *, home: Path | None = None) -> Path:
-    """Write atomically, 0600 from the first byte (mkstemp opens with 0o600): the host token is a
-    long-lived secret."""
-    directory = config_dir(home)
-    ensure_private_dir(directory)
-    target = directory / CONFIG_FILENAME
-    fd, tmp_name = tempfile.mkstemp(prefix=".config-", suffix=".json", dir=directory)
+def write_private_file(target: Path, text: str) -> None:
+    """Write atomically, 0600 from the first byte (mkstemp opens with 0o600)."""
+    ensure_private_dir(target.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.stem}-", suffix=target.suffix, dir=target.parent)
     try:
         os.fchmod(fd, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(config.model_dump_json(indent=2))
+            handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, target)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
+
+
+def config_save(config: AgentConfig, *, home: Path | None = None) -> Path:
+    """The host token is a long-lived secret: the file is private from the first byte."""
+    target = config_dir(home) / CONFIG_FILENAME
+    write_private_file(target, config.model_dump_json(indent=2))
     return target
 
 

@@ -15,6 +15,8 @@ from websockets.exceptions import InvalidHandshake, InvalidStatus, InvalidURI
 
 from hearth_agent import __version__, sysinfo
 from hearth_agent.config import AgentConfig
+from hearth_agent.drain import DrainSource
+from hearth_agent.energy import EnergyMonitor
 from hearth_agent.model_cache import ModelCache
 from hearth_agent.protocol import (
     MAX_FRAME_BYTES,
@@ -107,8 +109,11 @@ class Agent:
         sandbox: str = "auto",
         hidden_paths: Sequence[Path] = (),
         threads: int | None = None,
+        energy: EnergyMonitor | None = None,
     ) -> None:
         self.config = config
+        # Outlives connections like the worker: the policy and the site's state carry over.
+        self.energy = energy or EnergyMonitor()
         self.slots = slots or config.slots
         self.url = ws_url(config.server_url)
         self.cache = ModelCache(cache_root, server_url=config.server_url, host_token=config.host_token)
@@ -117,6 +122,12 @@ class Agent:
         )
         self.backoff = Backoff()
         self.connections = 0
+        # The live session (for `hearth-agent status` and drain), and the drain state, which
+        # outlives connections: a session started while draining starts drained.
+        self.session: AgentSession | None = None
+        self.draining = False
+        self.drain_reason = ""
+        self.drain_source: DrainSource | None = None
 
     def hello(self) -> HelloPayload:
         info = self.supervisor.info
@@ -178,8 +189,15 @@ class Agent:
                     supervisor=self.supervisor,
                     slots=self.slots,
                     heartbeat_fallback_s=self.config.heartbeat_interval_s,
+                    energy=self.energy,
+                    draining=self.draining,
+                    drain_reason=self.drain_reason,
                 )
-                end = await session.run()
+                self.session = session
+                try:
+                    end = await session.run()
+                finally:
+                    self.session = None
             log.info(
                 "disconnected: %s%s%s",
                 _close_name(end.code),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -220,13 +221,23 @@ class ModelCache:
         async with lock:
             if target.is_dir():
                 return target
-            manifest = await self._fetch_manifest(sha)
-            for entry in manifest.files:
-                await self._ensure_blob(entry)
-            for entry in manifest.files:
-                if entry.path.endswith(".safetensors"):
-                    safetensors_header_check(self._blob_path(entry.sha256))
-            self._assemble(manifest)
+            try:
+                manifest = await self._fetch_manifest(sha)
+                for entry in manifest.files:
+                    await self._ensure_blob(entry)
+                for entry in manifest.files:
+                    if entry.path.endswith(".safetensors"):
+                        safetensors_header_check(self._blob_path(entry.sha256))
+                self._assemble(manifest)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                # Partial downloads are already removed; the owner must free space, the server
+                # may give the task to another host meanwhile.
+                raise ModelFetchError(
+                    f"the disk holding {self.root} is full ({exc.strerror}); free some space for model "
+                    f"{sha[:12]} or point $HEARTH_AGENT_CACHE at a bigger disk"
+                ) from None
             log.info("model %s (%s) is cached at %s", manifest.name, sha[:12], target)
             return target
 

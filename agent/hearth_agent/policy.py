@@ -7,6 +7,7 @@ always agree on why a host is or is not taking work.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -66,10 +67,9 @@ def work_allowed(policy: EnergyPolicy, power: PowerState | None, *, local_hour: 
         and power.battery_soc_pct is not None
         and power.battery_soc_pct < policy.battery_reserve_pct
     ):
-        return Verdict(
-            False,
-            f"battery at {power.battery_soc_pct:.0f}% is below the {policy.battery_reserve_pct:.0f}% reserve",
-        )
+        # Floored, not rounded: 19.96% must not read as "20.0% is below the 20% reserve".
+        shown = math.floor(power.battery_soc_pct * 10) / 10
+        return Verdict(False, f"battery at {shown:.1f}% is below the {policy.battery_reserve_pct:g}% reserve")
     if policy.solar_surplus_only:
         surplus = solar_surplus_w(power)
         if surplus is None:

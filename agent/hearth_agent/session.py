@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -15,13 +16,19 @@ from typing import Any, Literal
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
+from hearth_agent.energy import EnergyMonitor, PowerReading, TaskMeter
 from hearth_agent.model_cache import ModelCache, ModelCacheError
+from hearth_agent.policy import Verdict
 from hearth_agent.protocol import (
     CloseCode,
+    Config,
+    Drain,
+    DrainPayload,
     Heartbeat,
     HeartbeatPayload,
     Hello,
     HelloPayload,
+    Power,
     ProtocolError,
     Ready,
     ReadyPayload,
@@ -31,6 +38,8 @@ from hearth_agent.protocol import (
     TaskFailed,
     TaskFailedPayload,
     TaskRejected,
+    TaskRelease,
+    TaskReleasePayload,
     TaskResult,
     TaskResultPayload,
     Welcome,
@@ -81,6 +90,9 @@ class AgentSession:
         slots: int,
         heartbeat_fallback_s: float,
         welcome_timeout_s: float = 20.0,
+        energy: EnergyMonitor | None = None,
+        draining: bool = False,
+        drain_reason: str = "",
     ) -> None:
         self.ws = ws
         self.hello = hello
@@ -94,11 +106,27 @@ class AgentSession:
         self._send_lock = asyncio.Lock()
         self._closed = False
         self._end: SessionEnd | None = None
+        # The owner's energy policy, judged on every power reading; None until the first one.
+        self.energy = energy or EnergyMonitor()
+        self.verdict: Verdict | None = None
+        self._power_wake = asyncio.Event()
+        # The owner has the machine: no new work, free_slots 0, every assignment handed back.
+        self.draining = draining
+        self.drain_reason = drain_reason
+        self.welcomed = False
 
     # ---- public -----------------------------------------------------------
 
     @property
+    def work_allowed(self) -> bool:
+        return self.verdict is None or self.verdict.allowed
+
+    @property
     def free_slots(self) -> int:
+        if not self.work_allowed:
+            return 0
+        if self.draining:
+            return 0
         return max(0, self.slots - len(self.tasks))
 
     async def run(self) -> SessionEnd:
@@ -114,13 +142,21 @@ class AgentSession:
                 welcome.payload.server_version,
                 self.heartbeat_interval_s,
             )
+            self.welcomed = True
             self.supervisor.on_ready = self._worker_restarted
+            if self.draining:
+                # Still draining from before this connection: say so before anything else.
+                await self._send(Drain(payload=DrainPayload(draining=True, reason=self.drain_reason)))
+            # Judge the site before advertising slots: a flat battery must not attract work.
+            first_reading = await self._read_power()
             await self._send_ready()
             heartbeats = self._spawn(self._heartbeat_loop())
+            power = self._spawn(self._power_loop(first_reading))
             try:
                 await self._receive_loop()
             finally:
                 heartbeats.cancel()
+                power.cancel()
         except ConnectionClosed:
             pass
         finally:
@@ -162,12 +198,51 @@ class AgentSession:
                 await self._send(
                     Heartbeat(
                         payload=HeartbeatPayload(
-                            status="busy" if live else "idle",
+                            status="draining" if self.draining else "busy" if live else "idle",
                             free_slots=self.free_slots,
                             running=[t.assign.lease_id for t in live],
                         )
                     )
                 )
+
+    # ---- energy -----------------------------------------------------------
+
+    async def _read_power(self) -> PowerReading | None:
+        """One reading (site probes may block: off the loop), judged under the owner's policy."""
+        try:
+            reading = await asyncio.to_thread(self.energy.read)
+        except Exception:
+            log.exception("power reading failed; keeping the previous verdict")
+            return None
+        if self.verdict is not None and reading.verdict.allowed != self.verdict.allowed:
+            log.info(
+                "energy policy now %s new work: %s",
+                "allows" if reading.verdict.allowed else "stops",
+                reading.verdict.reason,
+            )
+        self.verdict = reading.verdict
+        return reading
+
+    async def _power_loop(self, reading: PowerReading | None) -> None:
+        """A power frame every interval, or at once after a config frame. The frame carries the
+        verdict (the server stops assigning on it); when work is allowed again, `ready` brings the
+        free slots back at once instead of at the next heartbeat."""
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                if reading is not None:
+                    await self._send(Power(payload=reading.payload()))
+                self._power_wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._power_wake.wait(), self.energy.interval_s)
+                was_allowed = self.work_allowed
+                reading = await self._read_power()
+                if self.work_allowed and not was_allowed:
+                    await self._send_ready()
+
+    def _on_config(self, config: Config) -> None:
+        self.energy.apply_config(config.payload)
+        # Judge the new policy now rather than at the end of the old interval.
+        self._power_wake.set()
 
     async def _close(self, code: CloseCode, reason: str) -> None:
         self._end = SessionEnd(code=int(code), reason=reason, by_agent=True)
@@ -203,6 +278,8 @@ class AgentSession:
                 return
             if isinstance(frame, TaskAssign):
                 self._on_assign(frame.payload)
+            elif isinstance(frame, Config):
+                self._on_config(frame)
             elif isinstance(frame, TaskCancel):
                 self._on_cancel(frame.payload.lease_id, frame.payload.task_id, frame.payload.reason)
             elif isinstance(frame, TaskRejected):
@@ -221,6 +298,16 @@ class AgentSession:
     def _on_assign(self, assign: TaskAssignPayload) -> None:
         if assign.lease_id in self.tasks:
             log.warning("duplicate assignment of lease %s ignored", assign.lease_id)
+            return
+        if self.draining:
+            # Crossed our drain frame on the wire: hand it straight back, unrun.
+            log.info("task %s assigned while draining; releasing it", assign.task_id)
+            self._spawn(self._send_quietly(self._send_release(assign, f"draining: {self.drain_reason}")))
+            return
+        if not self.work_allowed and self.verdict is not None:
+            # Crossed our power frame on the wire: the owner's policy says no, hand it back unrun.
+            log.info("task %s assigned while the energy policy says no; releasing it", assign.task_id)
+            self._spawn(self._send_quietly(self._send_release(assign, self.verdict.reason)))
             return
         task = LocalTask(assign=assign)
         self.tasks[assign.lease_id] = task
@@ -273,19 +360,27 @@ class AgentSession:
     async def _run_task(self, task: LocalTask) -> None:
         assign = task.assign
 
+        meter: TaskMeter | None = None
+
         def mark_running() -> None:
+            nonlocal meter
             task.state = "running"
+            meter = self.energy.start_task(busy_cores=self._busy_cores())
 
         try:
             model_dir = await self.cache.ensure(assign.model_sha256)
             task.state = "queued"
-            result = await self.supervisor.embed(
-                model_dir=model_dir,
-                model_sha256=assign.model_sha256,
-                inputs=list(assign.inputs),
-                timeout_s=self._batch_timeout(assign),
-                on_start=mark_running,
-            )
+            try:
+                result = await self.supervisor.embed(
+                    model_dir=model_dir,
+                    model_sha256=assign.model_sha256,
+                    inputs=list(assign.inputs),
+                    timeout_s=self._batch_timeout(assign),
+                    on_start=mark_running,
+                )
+            finally:
+                if meter is not None:
+                    meter.stop()
         except asyncio.CancelledError:
             return
         except ModelCacheError as exc:
@@ -304,6 +399,8 @@ class AgentSession:
                 log.info("result of task %s dropped (cancelled or disconnected)", assign.task_id)
                 return
             embeddings_b64, digest = encode_embeddings(result.embeddings)
+            meter = meter or self.energy.start_task(busy_cores=self._busy_cores())
+            energy_wh, energy_source = meter.energy(result.compute_ms)
             await self._send(
                 TaskResult(
                     payload=TaskResultPayload(
@@ -315,6 +412,8 @@ class AgentSession:
                         output_sha256=digest,
                         compute_ms=result.compute_ms,
                         device=result.device,
+                        energy_wh=energy_wh,
+                        energy_source=energy_source,
                     )
                 )
             )
@@ -347,7 +446,68 @@ class AgentSession:
                 )
             )
 
+    # ---- drain ------------------------------------------------------------
+
+    async def drain(self, *, reason: str, timeout_s: float) -> list[str]:
+        """The owner wants the machine. Frames, in order: `drain(true)`; a `task.release` for every
+        lease not yet started, at once; then the running batch's `task.result` if it finishes within
+        `timeout_s`, else its `task.release` (the worker is killed; a fresh one starts warm).
+        Returns the lease ids handed back."""
+        self.draining, self.drain_reason = True, reason
+        await self._send(Drain(payload=DrainPayload(draining=True, reason=reason)))
+        # Drop every waiting task before the first await below, so none of them can reach the
+        # worker in between and start running after its lease was handed back.
+        waiting = [self._drop(t) for t in list(self.tasks.values()) if t.state != "running"]
+        for task in waiting:
+            await self._send_release(task.assign, f"draining: {reason}")
+        released = [t.assign.lease_id for t in waiting]
+        running = {t.handle: t for t in self.tasks.values() if t.handle is not None}
+        if running:
+            log.info("draining: waiting up to %.0f s for %d running batch(es)", timeout_s, len(running))
+            await asyncio.wait(running, timeout=timeout_s)
+            late = [
+                self._drop(t)
+                for h, t in running.items()
+                if not h.done() and self.tasks.get(t.assign.lease_id) is t
+            ]
+            if late:
+                await self.supervisor.abort(f"draining: the batch did not finish within {timeout_s:.0f} s")
+                for task in late:
+                    await self._send_release(task.assign, f"draining: not finished within {timeout_s:.0f} s")
+                released += [t.assign.lease_id for t in late]
+        log.info("drained (%s): %d lease(s) handed back", reason, len(released))
+        return released
+
+    async def resume(self, *, reason: str) -> None:
+        """Take work again: `drain(false)`, then `ready` with the free slots."""
+        self.draining, self.drain_reason = False, ""
+        await self._send(Drain(payload=DrainPayload(draining=False, reason=reason)))
+        await self._send_ready()
+        log.info("resumed (%s)", reason)
+
+    def _drop(self, task: LocalTask) -> LocalTask:
+        """Forget a task without a result: nothing about it is sent unless the caller releases it."""
+        task.cancelled = True
+        self.tasks.pop(task.assign.lease_id, None)
+        if task.state != "running" and task.handle is not None:
+            task.handle.cancel()
+        return task
+
+    async def _send_release(self, assign: TaskAssignPayload, reason: str) -> None:
+        log.info("releasing task %s (lease %s): %s", assign.task_id, assign.lease_id, reason)
+        await self._send(
+            TaskRelease(
+                payload=TaskReleasePayload(
+                    task_id=assign.task_id, lease_id=assign.lease_id, reason=reason[:500]
+                )
+            )
+        )
+
     # ---- bookkeeping ------------------------------------------------------
+
+    def _busy_cores(self) -> int:
+        info = self.supervisor.info
+        return info.threads if info and info.threads > 0 else os.cpu_count() or 1
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         handle = asyncio.create_task(coro)

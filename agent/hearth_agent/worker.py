@@ -8,6 +8,13 @@ models warm, and embeds batches on request. It speaks newline-delimited JSON wit
                    | {"type": "error", "id", "reason", "retryable"}
     agent  → worker  {"type": "probe", "id", "addr": "host:port"}   (re-check network isolation)
     worker → agent   {"type": "probe", "id", "net_reachable": bool}
+    agent  → worker  {"type": "run_probe", "id", "name", "params"}   (an escape probe, see probes.py)
+    worker → agent   {"type": "probe_result", "id", "name", "result": {...}}
+
+Every request may carry "cpu_budget_s" (its RLIMIT_CPU soft budget); every reply carries "cpu_s"
+(the worker's CPU time so far); an error reply may carry "violation" (the worker must be replaced).
+Before reading any request the worker confines itself (confine.py: rlimits from
+$HEARTH_WORKER_CONFINE, seccomp) and the ready message says what took.
 
 Only this module imports torch: the agent process stays small and never runs model code.
 """
@@ -25,6 +32,9 @@ import socket
 import sys
 import time
 from typing import IO, Any
+
+from hearth_agent.confine import confine_self, cpu_budget_set, cpu_seconds_used
+from hearth_agent.probes import probe_run
 
 PR_SET_PDEATHSIG = 1
 
@@ -61,6 +71,31 @@ def probe_sandbox(env: dict[str, str]) -> dict[str, Any]:
     marker = env.get("HEARTH_PROBE_TMP_MARKER")
     if marker:
         result["tmp_marker_visible"] = os.path.exists(marker)
+    if home_marker := env.get("HEARTH_PROBE_HOME_MARKER"):
+        result["home_marker_visible"] = os.path.exists(home_marker)
+    if write_paths := env.get("HEARTH_PROBE_WRITE_PATHS"):
+        written = []
+        for path in write_paths.split(os.pathsep):
+            try:
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+                written.append(path)
+            except FileExistsError:
+                written.append(path)  # the ro-root check above already created it
+            except OSError:
+                pass
+        result["written_outside"] = written
+        scratch = env.get("TMPDIR") or "/tmp"
+        try:
+            probe_file = os.path.join(scratch, ".hearth-scratch-probe")
+            with open(probe_file, "wb") as handle:
+                handle.write(b"ok")
+            os.unlink(probe_file)
+            result["scratch_writable"] = True
+        except OSError:
+            result["scratch_writable"] = False
+    if agent_pid := env.get("HEARTH_PROBE_AGENT_PID"):
+        result["agent_pid_visible"] = os.path.exists(f"/proc/{int(agent_pid)}")
+    result["pid"] = os.getpid()
     return result
 
 
@@ -143,6 +178,8 @@ def main() -> int:
     os.dup2(2, 1)
     sys.stdout = sys.stderr
 
+    # Before anything else runs in here: limits and the seccomp filter hold for all that follows.
+    confinement = confine_self(json.loads(os.environ.get("HEARTH_WORKER_CONFINE") or "{}"))
     probe = probe_sandbox(dict(os.environ))
 
     import torch
@@ -164,6 +201,7 @@ def main() -> int:
             "type": "ready",
             "pid": os.getpid(),
             "probe": probe,
+            "confinement": confinement,
             "torch_version": str(torch.__version__),
             "device": device,
             "gpus": gpus,
@@ -173,11 +211,28 @@ def main() -> int:
     for line in sys.stdin:
         if not line.strip():
             continue
-        request: dict[str, Any] = {}
+        _send(channel, _handle(worker, line))
+    return 0
+
+
+def _handle(worker: Worker, line: str) -> dict[str, Any]:
+    request: dict[str, Any] = {}
+    try:
+        request = json.loads(line)
+        budget = request.get("cpu_budget_s")
+        # The kernel sends SIGXCPU (fatal) once this request has used its CPU budget.
+        cpu_budget_set(float(budget) if budget else None)
         try:
-            request = json.loads(line)
             if request.get("type") == "embed":
                 reply = worker.embed(request)
+            elif request.get("type") == "run_probe":
+                name = str(request["name"])
+                reply = {
+                    "type": "probe_result",
+                    "id": request["id"],
+                    "name": name,
+                    "result": probe_run(name, dict(request.get("params") or {})),
+                }
             elif request.get("type") == "probe":
                 reply = {
                     "type": "probe",
@@ -186,15 +241,26 @@ def main() -> int:
                 }
             else:
                 raise ValueError(f"unknown request type {request.get('type')!r}")
-        except Exception as exc:  # One bad batch must not kill a warm worker.
-            reply = {
-                "type": "error",
-                "id": request.get("id"),
-                "reason": f"{exc.__class__.__name__}: {exc}"[:2000],
-                "retryable": not isinstance(exc, (ValueError, TypeError, KeyError)),
-            }
-        _send(channel, reply)
-    return 0
+        finally:
+            cpu_budget_set(None)
+    except MemoryError:
+        # The address-space limit stopped an allocation; the supervisor retires this worker.
+        reply = {
+            "type": "error",
+            "id": request.get("id"),
+            "reason": "the batch ran out of memory in the worker",
+            "retryable": True,
+            "violation": "MemoryError",
+        }
+    except Exception as exc:  # One bad batch must not kill a warm worker.
+        reply = {
+            "type": "error",
+            "id": request.get("id"),
+            "reason": f"{exc.__class__.__name__}: {exc}"[:2000],
+            "retryable": not isinstance(exc, (ValueError, TypeError, KeyError)),
+        }
+    reply["cpu_s"] = round(cpu_seconds_used(), 3)
+    return reply
 
 
 if __name__ == "__main__":

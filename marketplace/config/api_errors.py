@@ -26,6 +26,15 @@ class Conflict(exceptions.APIException):
     default_code = "conflict"
 
 
+def pydantic_errors_by_field(exc: Any) -> dict[str, list[str]]:
+    """A pydantic ValidationError as `{"field": ["message"]}`."""
+    errors: dict[str, list[str]] = {}
+    for error in exc.errors():
+        field = ".".join(str(part) for part in error["loc"]) or "detail"
+        errors.setdefault(field, []).append(str(error["msg"]))
+    return errors
+
+
 def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
     if isinstance(exc, DjangoValidationError):
         detail: Any = exc.message_dict if hasattr(exc, "error_dict") else {"detail": exc.messages}

@@ -16,9 +16,11 @@ logger = logging.getLogger(__name__)
 
 
 def sweep_once() -> tuple[int, int]:
+    from marketplace.hosts.power import power_rollup
     from marketplace.hosts.services import hosts_sweep_offline
     from marketplace.jobs.services import leases_requeue_expired
 
+    power_rollup()
     return leases_requeue_expired(), hosts_sweep_offline()
 
 

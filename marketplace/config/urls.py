@@ -3,7 +3,15 @@ from django.urls import include, path
 
 from marketplace.accounts.apis import ApiKeyListCreateApi, ApiKeyRevokeApi, SignupApi
 from marketplace.catalog.apis import CatalogListApi, ModelFileApi, ModelManifestApi
-from marketplace.hosts.apis import AgentEnrollApi, EnrollmentTokenCreateApi, HostListApi, HostRevokeApi
+from marketplace.hosts import install_views
+from marketplace.hosts.apis import (
+    AgentEnrollApi,
+    EnrollmentTokenCreateApi,
+    HostListApi,
+    HostPolicyApi,
+    HostPowerApi,
+    HostRevokeApi,
+)
 from marketplace.jobs.apis import JobCancelApi, JobDetailApi, JobListCreateApi, JobResultsApi
 
 api_v1 = [
@@ -18,6 +26,8 @@ api_v1 = [
     path("hosts", HostListApi.as_view(), name="hosts"),
     path("hosts/enrollment-tokens", EnrollmentTokenCreateApi.as_view(), name="enrollment-tokens"),
     path("hosts/<str:host_id>/revoke", HostRevokeApi.as_view(), name="host-revoke"),
+    path("hosts/<str:host_id>/policy", HostPolicyApi.as_view(), name="host-policy"),
+    path("hosts/<str:host_id>/power", HostPowerApi.as_view(), name="host-power"),
     path("agents/enroll", AgentEnrollApi.as_view(), name="agent-enroll"),
     path("agents/models/<str:sha256>", ModelManifestApi.as_view(), name="model-manifest"),
 ]
@@ -26,5 +36,7 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/v1/", include(api_v1)),
     path("models/<str:sha256>", ModelFileApi.as_view(), name="model-file"),
+    path("install.sh", install_views.install_script, name="install-script"),
+    path("agent/<str:filename>", install_views.agent_wheel, name="agent-file"),
     path("", include("marketplace.dashboard.urls")),
 ]

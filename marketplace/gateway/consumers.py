@@ -13,15 +13,22 @@ from typing import Any
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
+from django.utils import timezone
 
 from hearth_agent import protocol
+from hearth_agent.policy import EnergyPolicy
 from marketplace.hosts import services as host_services
 from marketplace.hosts.models import Host
+from marketplace.hosts.power import power_record
 from marketplace.jobs import services as job_services
 from marketplace.matching.services import tasks_claim_for_host
 
 logger = logging.getLogger(__name__)
 SERVER_VERSION = "0.1.0"
+
+
+def _current_policy(host_id: Any) -> EnergyPolicy:
+    return host_services.host_policy(host=Host.objects.get(pk=host_id))
 
 
 def _bearer_token(scope: dict[str, Any]) -> str | None:
@@ -95,6 +102,26 @@ class AgentConsumer(AsyncWebsocketConsumer):
                     host_id=self.host_id, payload=frame.payload
                 )
                 await self._after_outcome(frame.payload.task_id, frame.payload.lease_id, outcome)
+            case protocol.TaskRelease():
+                outcome = await database_sync_to_async(job_services.task_release)(
+                    host_id=self.host_id, payload=frame.payload
+                )
+                if not outcome.accepted:
+                    await self._reject(frame.payload.task_id, frame.payload.lease_id, outcome.reason)
+            case protocol.Power():
+                await database_sync_to_async(power_record)(
+                    host_id=self.host_id,
+                    channel_name=self.channel_name,
+                    payload=frame.payload,
+                    at=timezone.now(),
+                )
+                await self._claim_and_assign()
+            case protocol.Drain():
+                await database_sync_to_async(host_services.host_set_draining)(
+                    host_id=self.host_id, channel_name=self.channel_name, payload=frame.payload
+                )
+                if not frame.payload.draining:
+                    await self._claim_and_assign()
             case _:
                 logger.warning("host %s sent a server-only frame %s", self.host_id, frame.type)
                 await self.close(code=protocol.CloseCode.MALFORMED_FRAME)
@@ -116,20 +143,30 @@ class AgentConsumer(AsyncWebsocketConsumer):
                 )
             )
         )
+        await self._send_config()
 
     async def _after_outcome(self, task_id: str, lease_id: str, outcome: job_services.ResultOutcome) -> None:
         if not outcome.accepted:
-            logger.info(
-                "rejected a result for task %s from host %s: %s", task_id, self.host_id, outcome.reason
+            await self._reject(task_id, lease_id, outcome.reason)
+        await self._claim_and_assign()
+
+    async def _reject(self, task_id: str, lease_id: str, reason: str) -> None:
+        logger.info("rejected a frame about task %s from host %s: %s", task_id, self.host_id, reason)
+        await self._send_frame(
+            protocol.TaskRejected(
+                payload=protocol.TaskRejectedPayload(task_id=task_id, lease_id=lease_id, reason=reason)
             )
-            await self._send_frame(
-                protocol.TaskRejected(
-                    payload=protocol.TaskRejectedPayload(
-                        task_id=task_id, lease_id=lease_id, reason=outcome.reason
-                    )
+        )
+
+    async def _send_config(self) -> None:
+        policy = await database_sync_to_async(_current_policy)(self.host_id)
+        await self._send_frame(
+            protocol.Config(
+                payload=protocol.ConfigPayload(
+                    policy=policy, power_interval_s=settings.HEARTH_POWER_INTERVAL_S
                 )
             )
-        await self._claim_and_assign()
+        )
 
     async def _claim_and_assign(self) -> None:
         assignments = await database_sync_to_async(tasks_claim_for_host)(
@@ -166,6 +203,10 @@ class AgentConsumer(AsyncWebsocketConsumer):
                 )
             )
         )
+
+    async def agent_config(self, message: dict[str, Any]) -> None:
+        if self.hello_received:
+            await self._send_config()
 
     async def agent_close(self, message: dict[str, Any]) -> None:
         # The server already released this connection's state; do not requeue twice.

@@ -56,8 +56,66 @@ class Host(models.Model):
     capabilities = models.JSONField(default=dict, blank=True)
     isolation = models.JSONField(default=list, blank=True)
 
+    # The owner's side: energy policy (hearth_agent.policy.EnergyPolicy as JSON) and drain.
+    policy = models.JSONField(default=dict, blank=True)
+    draining = models.BooleanField(default=False)
+    draining_reason = models.CharField(max_length=200, blank=True, default="")
+
+    # The last `power` frame, kept on the row so dispatch needs no extra query.
+    power_source = models.CharField(max_length=16, blank=True, default="")
+    power_at = models.DateTimeField(null=True, blank=True)
+    gpu_w = models.FloatField(null=True, blank=True)
+    battery_soc_pct = models.FloatField(null=True, blank=True)
+    solar_w = models.FloatField(null=True, blank=True)
+    grid_w = models.FloatField(null=True, blank=True)
+    load_w = models.FloatField(null=True, blank=True)
+    agent_work_allowed = models.BooleanField(default=True)
+    agent_work_reason = models.CharField(max_length=200, blank=True, default="")
+
     class Meta:
         ordering = ["created_at"]
 
     def __str__(self) -> str:
         return f"{self.name} ({self.id})"
+
+
+class PowerSample(models.Model):
+    """Power readings of a host, summed into time buckets so months of data stay small.
+
+    Minute buckets are kept for two days, then rolled up into hour buckets,
+    which are kept for about a year (see hosts.services.power_rollup).
+    Each field keeps a sum and a count, since a site may lack some meters.
+    """
+
+    MINUTE = 60
+    HOUR = 3600
+
+    host = models.ForeignKey(Host, on_delete=models.CASCADE, related_name="power_samples")
+    resolution_s = models.PositiveIntegerField()
+    bucket_start = models.DateTimeField()
+    samples = models.PositiveIntegerField(default=0)
+    gpu_w_sum = models.FloatField(default=0)
+    gpu_w_n = models.PositiveIntegerField(default=0)
+    battery_soc_pct_sum = models.FloatField(default=0)
+    battery_soc_pct_n = models.PositiveIntegerField(default=0)
+    solar_w_sum = models.FloatField(default=0)
+    solar_w_n = models.PositiveIntegerField(default=0)
+    grid_w_sum = models.FloatField(default=0)
+    grid_w_n = models.PositiveIntegerField(default=0)
+    load_w_sum = models.FloatField(default=0)
+    load_w_n = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["host", "resolution_s", "bucket_start"], name="unique_power_bucket"
+            )
+        ]
+        indexes = [models.Index(fields=["resolution_s", "bucket_start"], name="power_bucket_age")]
+
+    def __str__(self) -> str:
+        return f"{self.host_id} {self.resolution_s}s @ {self.bucket_start:%Y-%m-%d %H:%M}"
+
+    def average(self, field: str) -> float | None:
+        count = getattr(self, f"{field}_n")
+        return getattr(self, f"{field}_sum") / count if count else None

@@ -12,6 +12,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from hearth_agent import protocol
+from hearth_agent.policy import EnergyPolicy
 from marketplace.accounts.models import User
 from marketplace.accounts.tokens import secret_digest, secret_issue
 from marketplace.gateway import notify
@@ -110,6 +111,8 @@ def host_connect(*, host_id: uuid.UUID, channel_name: str, hello: protocol.Hello
     host.channel_name = channel_name
     host.status = Host.Status.ONLINE
     host.ready = False
+    host.draining = False
+    host.draining_reason = ""
     host.connected_at = now
     host.last_seen_at = now
     host.offline_after = _offline_after(now)
@@ -169,3 +172,36 @@ def hosts_sweep_offline(*, now: datetime | None = None) -> int:
             if channel_name:
                 notify.close(channel_name, protocol.CloseCode.GOING_AWAY)
     return swept
+
+
+# ---- owner policy and drain --------------------------------------------------
+
+
+def host_policy(*, host: Host) -> EnergyPolicy:
+    return EnergyPolicy.model_validate(host.policy or {})
+
+
+@transaction.atomic
+def host_policy_update(*, host: Host, changes: dict[str, object]) -> EnergyPolicy:
+    """Apply the owner's changes (pydantic validates them), bump the version, push it live.
+
+    Raises pydantic.ValidationError on bad values; nothing is stored then.
+    """
+    locked = Host.objects.select_for_update().get(pk=host.pk)
+    current = host_policy(host=locked)
+    if "version" in changes:
+        changes = {k: v for k, v in changes.items() if k != "version"}
+    policy = EnergyPolicy.model_validate({**current.model_dump(), **changes, "version": current.version + 1})
+    Host.objects.filter(pk=host.pk).update(policy=policy.model_dump(mode="json"))
+    if locked.channel_name:
+        notify.on_commit_send(locked.channel_name, {"type": "agent.config"})
+    host.refresh_from_db()
+    return policy
+
+
+def host_set_draining(*, host_id: uuid.UUID, channel_name: str, payload: protocol.DrainPayload) -> None:
+    Host.objects.filter(pk=host_id, channel_name=channel_name).update(
+        draining=payload.draining, draining_reason=payload.reason[:200] if payload.draining else ""
+    )
+    if not payload.draining:
+        notify.on_commit_poke_dispatchable()

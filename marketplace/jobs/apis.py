@@ -29,6 +29,13 @@ def _own_job(request: Request, job_id: str) -> Job:
     return job
 
 
+def _boolean(raw: Any) -> Any:
+    """Form fields arrive as text; JSON booleans pass through for the service to check."""
+    if isinstance(raw, str) and raw.lower() in {"true", "false", "1", "0", "on", "off"}:
+        return raw.lower() in {"true", "1", "on"}
+    return raw
+
+
 def _task_size(raw: Any) -> int | None:
     if raw is None or raw == "":
         return None
@@ -74,7 +81,10 @@ class JobListCreateApi(APIView):
             raise ValidationError({"model": ["model is required"]})
         try:
             spec = check_job_spec(
-                model_name=data["model"], inputs=inputs, task_size=_task_size(data.get("task_size"))
+                green_only=_boolean(data.get("green_only", False)),
+                model_name=data["model"],
+                inputs=inputs,
+                task_size=_task_size(data.get("task_size")),
             )
         except JobTooLarge as exc:
             raise PayloadTooLarge(str(exc)) from exc

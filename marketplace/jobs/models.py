@@ -21,6 +21,9 @@ class Job(models.Model):
     items_total = models.PositiveIntegerField()
     items_done = models.PositiveIntegerField(default=0)
     failure_reason = models.TextField(blank=True, default="")
+    green_only = models.BooleanField(
+        default=False, help_text="run only on hosts powered by solar/battery now"
+    )
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
@@ -53,6 +56,8 @@ class Task(models.Model):
     output_sha256 = models.CharField(max_length=64, blank=True, default="")
     dimension = models.PositiveIntegerField(null=True, blank=True)
     compute_ms = models.FloatField(null=True, blank=True)
+    energy_wh = models.FloatField(null=True, blank=True)
+    energy_source = models.CharField(max_length=10, blank=True, default="")
     completed_by = models.ForeignKey(
         "hosts.Host", null=True, blank=True, on_delete=models.SET_NULL, related_name="completed_tasks"
     )

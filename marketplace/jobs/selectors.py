@@ -33,6 +33,21 @@ def job_task_attempts(*, job: Job) -> int:
     return int(Task.objects.filter(job=job).aggregate(total=Sum("attempt"))["total"] or 0)
 
 
+def job_energy(*, job: Job) -> dict[str, Any]:
+    """Energy of the finished tasks: total Wh, and how much of it was measured rather than estimated."""
+    rows = Task.objects.filter(job=job, status=TaskStatus.SUCCEEDED, energy_wh__isnull=False)
+    totals = {
+        row["energy_source"]: row["wh"] for row in rows.values("energy_source").annotate(wh=Sum("energy_wh"))
+    }
+    total = sum(totals.values())
+    return {
+        "wh": round(total, 6),
+        "measured_wh": round(totals.get("nvml", 0.0), 6),
+        "estimated_wh": round(totals.get("estimate", 0.0), 6),
+        "wh_per_1k_items": round(1000 * total / job.items_done, 6) if job.items_done else None,
+    }
+
+
 def job_task_counts(*, job: Job) -> dict[str, int]:
     counts = {status: 0 for status in TaskStatus.values}
     for row in Task.objects.filter(job=job).values("status").annotate(n=Count("id")):
@@ -50,6 +65,8 @@ def job_summary(*, job: Job) -> dict[str, Any]:
         "items_done": job.items_done,
         "tasks": job_task_counts(job=job),
         "task_attempts": job_task_attempts(job=job),
+        "green_only": job.green_only,
+        "energy": job_energy(job=job),
         "failure_reason": job.failure_reason,
         "created_at": job.created_at,
         "started_at": job.started_at,

@@ -38,13 +38,16 @@ class JobSpec:
     model: CatalogModel
     inputs: list[str]
     task_size: int
+    green_only: bool = False
 
 
 class JobTooLarge(ValueError):
     """The job exceeds a size limit; the API answers 413."""
 
 
-def check_job_spec(*, model_name: str, inputs: object, task_size: int | None) -> JobSpec:
+def check_job_spec(
+    *, model_name: str, inputs: object, task_size: int | None, green_only: object = False
+) -> JobSpec:
     """Validate a job request; raise ValidationError naming the field, or JobTooLarge."""
     model = catalog_model_get_by_name(name=model_name) if isinstance(model_name, str) else None
     if model is None:
@@ -67,14 +70,20 @@ def check_job_spec(*, model_name: str, inputs: object, task_size: int | None) ->
         raise ValidationError(
             {"task_size": [f"task_size must be an integer from 1 to {settings.HEARTH_MAX_TASK_SIZE}"]}
         )
-    return JobSpec(model=model, inputs=inputs, task_size=size)
+    if not isinstance(green_only, bool):
+        raise ValidationError({"green_only": ["green_only must be true or false"]})
+    return JobSpec(model=model, inputs=inputs, task_size=size, green_only=green_only)
 
 
 @transaction.atomic
 def job_submit(*, buyer: User, spec: JobSpec) -> Job:
     """Create the job and its tasks in one transaction, then wake the agents."""
     job = Job.objects.create(
-        buyer=buyer, model=spec.model, task_size=spec.task_size, items_total=len(spec.inputs)
+        buyer=buyer,
+        model=spec.model,
+        task_size=spec.task_size,
+        items_total=len(spec.inputs),
+        green_only=spec.green_only,
     )
     Task.objects.bulk_create(
         Task(
@@ -235,6 +244,8 @@ def task_result_accept(*, host_id: uuid.UUID, payload: protocol.TaskResultPayloa
         output_sha256=payload.output_sha256,
         dimension=payload.dimension,
         compute_ms=payload.compute_ms,
+        energy_wh=payload.energy_wh,
+        energy_source=payload.energy_source or "",
         completed_by_id=host_id,
         completed_at=now,
         lease_expires_at=None,
@@ -264,6 +275,25 @@ def task_fail(*, host_id: uuid.UUID, payload: protocol.TaskFailedPayload) -> Res
     if status == TaskStatus.QUEUED:
         notify.on_commit_poke_dispatchable()
     return ResultOutcome(bool(status), "" if status else "lease moved on")
+
+
+@transaction.atomic
+def task_release(*, host_id: uuid.UUID, payload: protocol.TaskReleasePayload) -> ResultOutcome:
+    """The leaseholder hands a task back unrun (draining, policy): requeue it, no attempt spent."""
+    task = _leased_task(host_id=host_id, task_id=payload.task_id, lease_id=payload.lease_id)
+    if task is None:
+        return ResultOutcome(False, "not the current leaseholder of this task")
+    moved = Task.objects.filter(pk=task.pk, status=TaskStatus.LEASED, lease_id=task.lease_id).update(
+        status=TaskStatus.QUEUED,
+        lease_id=None,
+        leased_to=None,
+        lease_expires_at=None,
+        attempt=F("attempt") - 1,
+        last_error=f"released by the agent: {payload.reason}"[:2000],
+    )
+    if moved:
+        notify.on_commit_poke_dispatchable()
+    return ResultOutcome(bool(moved), "" if moved else "lease moved on")
 
 
 def job_mark_started(*, job_ids: set[uuid.UUID], now: datetime) -> None:

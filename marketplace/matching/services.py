@@ -16,7 +16,9 @@ from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
 
+from hearth_agent.policy import PowerState, Verdict, is_green
 from marketplace.hosts.models import Host
+from marketplace.hosts.services import host_policy
 from marketplace.jobs.models import Task
 from marketplace.jobs.services import job_mark_started
 from marketplace.jobs.states import JOB_ACTIVE, TaskStatus
@@ -33,9 +35,33 @@ class Assignment:
     lease_expires_at: datetime
 
 
-def _host_view(host: Host) -> HostView:
+def _host_view(host: Host, *, now: datetime) -> HostView:
     leased = Task.objects.filter(leased_to=host, status=TaskStatus.LEASED).count()
-    return HostView(ready=host.ready, slots=host.slots, leased=leased, memory_mb=host.memory_mb)
+    stale_after = timedelta(seconds=3 * settings.HEARTH_POWER_INTERVAL_S)
+    fresh = host.power_at is not None and host.power_at >= now - stale_after
+    power = (
+        PowerState(
+            gpu_w=host.gpu_w,
+            battery_soc_pct=host.battery_soc_pct,
+            solar_w=host.solar_w,
+            grid_w=host.grid_w,
+            load_w=host.load_w,
+        )
+        if fresh
+        else None
+    )
+    return HostView(
+        ready=host.ready,
+        slots=host.slots,
+        leased=leased,
+        memory_mb=host.memory_mb,
+        draining=host.draining,
+        policy=host_policy(host=host),
+        power=power,
+        agent_verdict=Verdict(host.agent_work_allowed, host.agent_work_reason)
+        if fresh
+        else Verdict(True, ""),
+    )
 
 
 def tasks_claim_for_host(
@@ -54,7 +80,7 @@ def tasks_claim_for_host(
         ).first()
         if host is None:
             return []
-        view = _host_view(host)
+        view = _host_view(host, now=now)
         wanted = free_slots(view)
         if wanted == 0:
             return []
@@ -64,13 +90,16 @@ def tasks_claim_for_host(
             job__model__is_active=True,
             job__model__min_memory_mb__lte=host.memory_mb,
         ).order_by("job__created_at", "index")
+        if not is_green(view.power):
+            candidates = candidates.exclude(job__green_only=True)
         if connection.features.has_select_for_update_skip_locked:
             candidates = candidates.select_for_update(skip_locked=True, of=("self",))
         rows = list(candidates.select_related("job__model")[:wanted])
         expires = now + timedelta(seconds=settings.HEARTH_LEASE_SECONDS)
         assignments: list[Assignment] = []
         for task in rows:
-            if host_can_run(view, ModelNeeds(min_memory_mb=task.job.model.min_memory_mb)) is not None:
+            needs = ModelNeeds(min_memory_mb=task.job.model.min_memory_mb)
+            if host_can_run(view, needs, green_only=task.job.green_only) is not None:
                 continue
             lease_id = uuid.uuid4()
             moved = Task.objects.filter(pk=task.pk, status=TaskStatus.QUEUED).update(

@@ -124,3 +124,17 @@ def minilm_worker(
     yield WarmWorker(loop=loop, supervisor=supervisor, cache=cache, model_dir=model_dir, model_sha=minilm_sha)
     loop.run(supervisor.stop())
     loop.close()
+
+
+def model_routes(model_dir: Path, sha: str, name: str = "all-MiniLM-L6-v2") -> dict[str, bytes]:
+    """The HTTP bodies a stand-in server serves for one model: its manifest and its blobs by sha256."""
+    routes: dict[str, bytes] = {}
+    files = []
+    for path in sorted(p for p in model_dir.rglob("*") if p.is_file()):
+        body = path.read_bytes()
+        digest = hashlib.sha256(body).hexdigest()
+        routes[f"/models/{digest}"] = body
+        files.append({"path": path.relative_to(model_dir).as_posix(), "sha256": digest, "size": len(body)})
+    manifest = {"name": name, "sha256": sha, "task_type": "embedding", "dimension": 384, "files": files}
+    routes[f"/api/v1/agents/models/{sha}"] = json.dumps(manifest).encode()
+    return routes

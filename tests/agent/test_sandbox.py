@@ -62,7 +62,24 @@ def test_auto_picks_bwrap_and_reports_every_layer_it_verified(minilm_worker: War
     info = minilm_worker.supervisor.info
     assert info is not None
     assert info.sandbox == "bwrap"
-    assert info.isolation == ["netns:bwrap", "ro-root:bwrap", "tmpfs-tmp"]
+    bwrap_layers = [
+        "netns:bwrap",
+        "pidns:bwrap",
+        "ro-root:bwrap",
+        "tmpfs-tmp",
+        "home-hidden:bwrap",
+        "scratch-only:bwrap",
+        "no-caps:bwrap",
+    ]
+    assert info.isolation[: len(bwrap_layers)] == bwrap_layers
+    assert "seccomp" in info.isolation
+    rlimits = next(layer for layer in info.isolation if layer.startswith("rlimits:"))
+    assert {"as", "cpu", "fsize", "nofile"} <= set(rlimits.removeprefix("rlimits:").split(","))
+
+
+def _namespace_layers(isolation: list[str]) -> list[str]:
+    """The layers a sandbox kind gives (bwrap/unshare), not the ones the worker applies itself."""
+    return [layer for layer in isolation if layer.endswith((":bwrap", ":unshare")) or layer == "tmpfs-tmp"]
 
 
 def _start(mode: str, cache: Path) -> tuple[LoopThread, WorkerSupervisor]:
@@ -73,10 +90,15 @@ def _start(mode: str, cache: Path) -> tuple[LoopThread, WorkerSupervisor]:
 
 
 @pytest.mark.skipif(not UNSHARE_WORKS, reason="unshare -rn does not work on this machine")
-def test_unshare_gives_a_network_namespace_only(tmp_path: Path, listener: socket.socket) -> None:
+def test_unshare_gives_a_network_namespace_but_no_filesystem_layers(
+    tmp_path: Path, listener: socket.socket
+) -> None:
     loop, supervisor = _start("unshare", tmp_path)
     try:
-        assert supervisor.info is not None and supervisor.info.isolation == ["netns:unshare"]
+        assert supervisor.info is not None
+        assert _namespace_layers(supervisor.info.isolation) == ["netns:unshare"]
+        # The worker confines itself whatever the sandbox: seccomp works inside unshare too.
+        assert "seccomp" in supervisor.info.isolation
         assert loop.run(supervisor.probe_network(*listener.getsockname())) is False
     finally:
         loop.run(supervisor.stop())
@@ -90,7 +112,7 @@ def test_without_a_sandbox_the_probe_sees_the_network_and_reports_no_isolation(
     # The control: proves the probe can fail, so the isolated results above mean something.
     loop, supervisor = _start("none", tmp_path)
     try:
-        assert supervisor.info is not None and supervisor.info.isolation == []
+        assert supervisor.info is not None and _namespace_layers(supervisor.info.isolation) == []
         assert loop.run(supervisor.probe_network(*listener.getsockname())) is True
     finally:
         loop.run(supervisor.stop())

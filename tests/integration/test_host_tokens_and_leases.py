@@ -38,6 +38,14 @@ def _hello(slots: int = 1) -> str:
     )
 
 
+async def _next_of_type(ws: Any, frame_type: str) -> dict[str, Any]:
+    """The next frame of a type, skipping others (welcome, config) the server sends meanwhile."""
+    while True:
+        frame = json.loads(await asyncio.wait_for(ws.recv(), timeout=10))
+        if frame["type"] == frame_type:
+            return dict(frame)
+
+
 def _enroll_token(stack: LocalStack, owner: tuple[str, str], name: str) -> str:
     with stack.client() as http:
         response = http.post(
@@ -157,7 +165,7 @@ def test_a_result_sent_by_a_host_that_does_not_hold_the_lease_is_rejected(stack:
                 await intruder.send(_hello())
                 await intruder.recv()
                 await intruder.send(protocol.dump_frame(forged))
-                reply = json.loads(await asyncio.wait_for(intruder.recv(), timeout=10))
+                reply = await _next_of_type(intruder, "task.rejected.v1")
             return reply, assignment
 
     reply, assignment = asyncio.run(scenario())

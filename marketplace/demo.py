@@ -76,6 +76,34 @@ class _Progress:
         print(f"\r{line}" if self.tty else line, end="" if self.tty else "\n", flush=True)
 
 
+# Two homes: one at noon with the sun up, one in the evening on its battery (time runs 60x).
+DEMO_SITES = {
+    "demo-agent-1": {"soc_pct": 85, "solar_peak_w": 5000, "start_hour": 12, "time_scale": 60, "seed": 1},
+    "demo-agent-2": {"soc_pct": 70, "solar_peak_w": 0, "start_hour": 20, "time_scale": 60, "seed": 2},
+}
+
+
+def _hosts_with_power(stack: LocalStack, owner: tuple[str, str], timeout: float = 30) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + timeout
+    with stack.client(auth=owner) as http:
+        while True:
+            hosts: list[dict[str, Any]] = http.get("/api/v1/hosts").json()
+            if all(host["power"] for host in hosts) or time.monotonic() > deadline:
+                return hosts
+            time.sleep(0.3)
+
+
+def _describe_power(power: dict[str, Any] | None) -> str:
+    if not power:
+        return "no power reading yet"
+    grid = power["grid_w"] or 0.0
+    source = "solar/battery" if grid <= 50 else "the grid"
+    return (
+        f"battery {power['battery_soc_pct']:.0f}%, solar {power['solar_w']:.0f} W, load {power['load_w']:.0f} W,"
+        f" grid {grid:+.0f} W (running on {source}); {power['reason']}"
+    )
+
+
 class DemoFailure(Exception):
     pass
 
@@ -118,7 +146,11 @@ def run(*, once: bool, items: int, port: int) -> int:
     stack = LocalStack(
         workdir=workdir,
         port=port,
-        settings_env={"HEARTH_HEARTBEAT_INTERVAL_S": "2", "HEARTH_WORKER_THREADS": "1"},
+        settings_env={
+            "HEARTH_HEARTBEAT_INTERVAL_S": "2",
+            "HEARTH_POWER_INTERVAL_S": "2",
+            "HEARTH_WORKER_THREADS": "1",
+        },
     )
     try:
         print(f"Starting the server on http://127.0.0.1:{port or '<free port>'} …")
@@ -132,15 +164,18 @@ def run(*, once: bool, items: int, port: int) -> int:
         print(f"  bare model: {bare_before:.0f} items/s")
 
         owner = stack.signup(email="host@demo.hearth", password="demo-host-password", role="host")
-        print("Enrolling two local CPU agents …")
-        for name in ("demo-agent-1", "demo-agent-2"):
+        print("Enrolling two local CPU agents on simulated home sites …")
+        for name, site in DEMO_SITES.items():
             home = stack.enroll_agent(name=name, token=stack.enrollment_token(owner=owner))
-            stack.start_agent(name=name, home=home)
-        hosts = stack.wait_hosts_ready(owner=owner, count=2)
-        for host in hosts:
+            stack.start_agent(
+                name=name, home=home, extra_args=("--site", "simulator", "--site-sim", json.dumps(site))
+            )
+        stack.wait_hosts_ready(owner=owner, count=2)
+        for host in _hosts_with_power(stack, owner):
             print(
                 f"  {host['name']}: online, device={host['device']}, isolation={','.join(host['isolation']) or 'none'}"
             )
+            print(f"    site: {_describe_power(host['power'])}")
 
         buyer = stack.signup(email="buyer@demo.hearth", password="demo-buyer-password")
         api_key = stack.api_key(email=buyer[0], password=buyer[1], name="demo")

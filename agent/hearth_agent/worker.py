@@ -16,7 +16,8 @@ Every request may carry "cpu_budget_s" (its RLIMIT_CPU soft budget); every reply
 Before reading any request the worker confines itself (confine.py: rlimits from
 $HEARTH_WORKER_CONFINE, seccomp) and the ready message says what took.
 
-Only this module imports torch: the agent process stays small and never runs model code.
+Only this module (with bert.py, its fast path) imports torch: the agent process stays small and never
+runs model code.
 """
 
 from __future__ import annotations
@@ -112,9 +113,25 @@ class Worker:
         if key in self.models:
             self.models.move_to_end(key)
             return self.models[key], 0.0
-        from sentence_transformers import SentenceTransformer
+        from hearth_agent import bert
 
         started = time.perf_counter()
+        model: Any
+        if bert.fast_path_refusal(model_dir) is None:
+            # A plain BERT sentence encoder: same vectors without importing transformers (seconds).
+            model = bert.BertSentenceEncoder(model_dir, device=self.device)
+        else:
+            model = self._sentence_transformer(model_dir)
+        load_ms = (time.perf_counter() - started) * 1000
+        self.loads += 1
+        self.models[key] = model
+        while len(self.models) > self.max_models:
+            self.models.popitem(last=False)
+        return model, load_ms
+
+    def _sentence_transformer(self, model_dir: str) -> Any:
+        from sentence_transformers import SentenceTransformer
+
         model = SentenceTransformer(
             model_dir,
             device=self.device,
@@ -124,16 +141,13 @@ class Worker:
             model_kwargs={"use_safetensors": True},
         )
         model.eval()
-        load_ms = (time.perf_counter() - started) * 1000
-        self.loads += 1
-        self.models[key] = model
-        while len(self.models) > self.max_models:
-            self.models.popitem(last=False)
-        return model, load_ms
+        return model
 
     def embed(self, request: dict[str, Any]) -> dict[str, Any]:
         import numpy as np
         import torch
+
+        from hearth_agent import bert
 
         inputs = request["inputs"]
         if not isinstance(inputs, list) or not all(isinstance(i, str) for i in inputs):
@@ -144,7 +158,10 @@ class Worker:
         started = time.perf_counter()
         with torch.inference_mode():
             # The model's own pipeline (incl. its Normalize module, if any) decides normalization.
-            vectors = model.encode(inputs, convert_to_numpy=True, show_progress_bar=False)
+            if isinstance(model, bert.BertSentenceEncoder):
+                vectors = model.encode(inputs)
+            else:
+                vectors = model.encode(inputs, convert_to_numpy=True, show_progress_bar=False)
         compute_ms = (time.perf_counter() - started) * 1000
         dimension = model.get_sentence_embedding_dimension()
         array = (
@@ -192,7 +209,9 @@ def main() -> int:
         for index in range(torch.cuda.device_count()):
             props = torch.cuda.get_device_properties(index)
             gpus.append({"name": props.name, "memory_mb": int(props.total_memory // (1024 * 1024))})
-    import sentence_transformers  # noqa: F401  (pay the import cost before saying ready)
+    # Pay the fast path's imports (tokenizers, safetensors) before saying ready. sentence-transformers
+    # (and transformers, ~9 s on a small CPU) is imported only for a model the fast path refuses.
+    from hearth_agent import bert  # noqa: F401
 
     worker = Worker(device=device, max_models=int(os.environ.get("HEARTH_WORKER_MAX_MODELS", "2")))
     _send(

@@ -38,5 +38,7 @@ def test_a_cancelled_job_stops_and_the_next_job_still_completes(stack: LocalStac
     assert after["status"] == "cancelled"
     assert after["items_done"] == cancelled["items_done"]
     assert all(agent.process.poll() is None for agent in fleet)
-    # Leases held at the moment of cancel reached the agents as task.cancel frames.
-    assert any("cancelled by the server (cancelled by the buyer)" in agent.log() for agent in fleet)
+    # Leases held at the moment of cancel reached the agents as task.cancel frames; a batch that
+    # finished in the meantime makes the agent log the cancel as one for a lease it no longer holds.
+    cancel_lines = ("cancelled by the server (cancelled by the buyer)", "cancel for unknown lease")
+    assert any(line in agent.log() for agent in fleet for line in cancel_lines)

@@ -189,8 +189,7 @@ def host_policy_update(*, host: Host, changes: dict[str, object]) -> EnergyPolic
     """
     locked = Host.objects.select_for_update().get(pk=host.pk)
     current = host_policy(host=locked)
-    if "version" in changes:
-        changes = {k: v for k, v in changes.items() if k != "version"}
+    # The server owns the version: the owner's changes cannot set it.
     policy = EnergyPolicy.model_validate({**current.model_dump(), **changes, "version": current.version + 1})
     Host.objects.filter(pk=host.pk).update(policy=policy.model_dump(mode="json"))
     if locked.channel_name:

@@ -12,6 +12,7 @@ import logging
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
@@ -155,10 +156,25 @@ def _task_release(*, task: Task, reason: str, now: datetime) -> str:
             now=now,
         )
         return TaskStatus.FAILED if failed else ""
-    moved = Task.objects.filter(pk=task.pk, status=TaskStatus.LEASED, lease_id=task.lease_id).update(
-        status=TaskStatus.QUEUED, lease_id=None, leased_to=None, lease_expires_at=None, last_error=reason
+    return TaskStatus.QUEUED if _task_requeue(task=task, reason=reason) else ""
+
+
+def _task_requeue(*, task: Task, reason: str, refund_attempt: bool = False) -> bool:
+    """Leased → queued, only if the lease is still the one `task` holds. False when it moved on.
+
+    `refund_attempt` gives back the attempt the lease counted (a task handed back unrun).
+    """
+    changes: dict[str, Any] = {"attempt": F("attempt") - 1} if refund_attempt else {}
+    return bool(
+        Task.objects.filter(pk=task.pk, status=TaskStatus.LEASED, lease_id=task.lease_id).update(
+            status=TaskStatus.QUEUED,
+            lease_id=None,
+            leased_to=None,
+            lease_expires_at=None,
+            last_error=reason,
+            **changes,
+        )
     )
-    return TaskStatus.QUEUED if moved else ""
 
 
 def _release_all(tasks: list[Task], *, reason: str, now: datetime) -> int:
@@ -283,17 +299,11 @@ def task_release(*, host_id: uuid.UUID, payload: protocol.TaskReleasePayload) ->
     task = _leased_task(host_id=host_id, task_id=payload.task_id, lease_id=payload.lease_id)
     if task is None:
         return ResultOutcome(False, "not the current leaseholder of this task")
-    moved = Task.objects.filter(pk=task.pk, status=TaskStatus.LEASED, lease_id=task.lease_id).update(
-        status=TaskStatus.QUEUED,
-        lease_id=None,
-        leased_to=None,
-        lease_expires_at=None,
-        attempt=F("attempt") - 1,
-        last_error=f"released by the agent: {payload.reason}"[:2000],
-    )
+    reason = f"released by the agent: {payload.reason}"[:2000]
+    moved = _task_requeue(task=task, reason=reason, refund_attempt=True)
     if moved:
         notify.on_commit_poke_dispatchable()
-    return ResultOutcome(bool(moved), "" if moved else "lease moved on")
+    return ResultOutcome(moved, "" if moved else "lease moved on")
 
 
 def job_mark_started(*, job_ids: set[uuid.UUID], now: datetime) -> None:

@@ -37,7 +37,7 @@ from hearth_agent.protocol import (
     parse_frame,
 )
 
-from .conftest import LoopThread
+from .conftest import LoopThread, model_routes
 
 pytestmark = pytest.mark.integration
 
@@ -62,28 +62,6 @@ class Run:
     stdout: str = ""
     stderr: str = ""
     model_sha: str = ""
-
-
-def _routes(model_dir: Path, sha: str) -> dict[str, bytes]:
-    import hashlib
-    import json
-
-    routes: dict[str, bytes] = {}
-    files = []
-    for path in sorted(p for p in model_dir.rglob("*") if p.is_file()):
-        body = path.read_bytes()
-        digest = hashlib.sha256(body).hexdigest()
-        routes[f"/models/{digest}"] = body
-        files.append({"path": path.relative_to(model_dir).as_posix(), "sha256": digest, "size": len(body)})
-    manifest = {
-        "name": "all-MiniLM-L6-v2",
-        "sha256": sha,
-        "task_type": "embedding",
-        "dimension": 384,
-        "files": files,
-    }
-    routes[f"/api/v1/agents/models/{sha}"] = json.dumps(manifest).encode()
-    return routes
 
 
 async def _scripted_server(
@@ -163,7 +141,7 @@ def agent_run(
     port_box: list[int] = []
     done = asyncio.Event()
     server = asyncio.run_coroutine_threadsafe(
-        _scripted_server(run, _routes(minilm_source, minilm_sha), port_box, done), loop.loop
+        _scripted_server(run, model_routes(minilm_source, minilm_sha), port_box, done), loop.loop
     )
     while not port_box:
         if server.done():

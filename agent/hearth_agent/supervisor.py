@@ -80,6 +80,19 @@ def describe_exit(code: int, *, via_sandbox: bool) -> str:
     return f"worker exited with code {code}: killed by {name}{why}"
 
 
+def _bwrap_exit_code(fd: int) -> int | None:
+    """Read bwrap's JSON status lines until it closes the pipe; the worker's exit code if bwrap saw the
+    worker end (a death by signal N is 128+N), None if bwrap itself was killed first."""
+    exit_code = None
+    with os.fdopen(fd, "rb") as status:
+        for line in status:
+            with contextlib.suppress(ValueError):
+                report = json.loads(line)
+                if isinstance(report, dict) and isinstance(report.get("exit-code"), int):
+                    exit_code = report["exit-code"]
+    return exit_code
+
+
 @dataclass(frozen=True)
 class WorkerInfo:
     pid: int  # as the host sees it (the worker's own pid differs in its pid namespace)
@@ -119,6 +132,9 @@ class _Process:
     cgroup: PidsCgroup | None = None
     scratch: Path | None = None
     cpu_s: float = 0.0
+    # bwrap's own report of how the worker ended (`--json-status-fd`), read from a pipe: unlike the
+    # exit status of the bwrap process, nothing else in this process can reap it first.
+    sandbox_status: asyncio.Future[int | None] | None = None
 
 
 class WorkerSupervisor:
@@ -230,21 +246,30 @@ class WorkerSupervisor:
         cgroup = await asyncio.to_thread(
             PidsCgroup.create, f"hearth-worker-{os.getpid()}-{secrets.token_hex(4)}", limit
         )
+        status_read, status_write = os.pipe() if plan.kind == "bwrap" else (-1, -1)
+        prefix = plan.prefix
+        if status_write >= 0:
+            prefix = (prefix[0], "--json-status-fd", str(status_write), *prefix[1:])
         try:
             env = {**env, **probe.env(), "HOME": scratch_path, "TMPDIR": scratch_path}
-            proc = await asyncio.create_subprocess_exec(
-                *(cgroup.prefix() if cgroup else ()),
-                *plan.prefix,
-                sys.executable,
-                "-m",
-                "hearth_agent.worker",
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                env=env,
-                cwd="/",
-                limit=_LINE_LIMIT,
-            )
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    *(cgroup.prefix() if cgroup else ()),
+                    *prefix,
+                    sys.executable,
+                    "-m",
+                    "hearth_agent.worker",
+                    stdin=asyncio.subprocess.PIPE,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.PIPE,
+                    env=env,
+                    cwd="/",
+                    limit=_LINE_LIMIT,
+                    pass_fds=(status_write,) if status_write >= 0 else (),
+                )
+            finally:
+                if status_write >= 0:
+                    os.close(status_write)
             current = _Process(
                 proc=proc,
                 ready=asyncio.get_running_loop().create_future(),
@@ -252,6 +277,11 @@ class WorkerSupervisor:
                 cgroup=cgroup,
                 scratch=scratch,
             )
+            if status_read >= 0:
+                current.sandbox_status = asyncio.ensure_future(
+                    asyncio.to_thread(_bwrap_exit_code, status_read)
+                )
+                status_read = -1
             current.readers = [
                 asyncio.create_task(self._read_stdout(current)),
                 asyncio.create_task(self._read_stderr(current)),
@@ -274,6 +304,8 @@ class WorkerSupervisor:
             raise
         finally:
             probe.close()
+            if status_read >= 0:
+                os.close(status_read)
         return WorkerInfo(
             pid=view.pid if view else proc.pid,
             inner_pid=inner_pid,
@@ -369,6 +401,10 @@ class WorkerSupervisor:
         with contextlib.suppress(ProcessLookupError):
             current.proc.kill()
         code = await current.proc.wait()
+        if current.sandbox_status is not None:
+            with contextlib.suppress(TimeoutError):
+                reported = await asyncio.wait_for(asyncio.shield(current.sandbox_status), 2.0)
+                code = code if reported is None else reported
         # Let stderr drain so the crash reason includes the traceback.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(current.readers[1]), 2.0)

@@ -154,3 +154,21 @@ def test_a_worker_past_the_wall_clock_is_killed_and_replaced(tmp_path: Path) -> 
     finally:
         loop.run(supervisor.stop())
         loop.close()
+
+
+@needs_bwrap
+def test_the_worker_s_fate_is_named_even_when_something_else_reaped_the_sandbox_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What a stray waitpid elsewhere in the agent's process does to asyncio's child watcher: it can only
+    # report 255. bwrap's status pipe still says how the worker inside ended.
+    monkeypatch.setattr(asyncio.unix_events, "waitstatus_to_exitcode", lambda status: 255)
+    loop = LoopThread()
+    supervisor = WorkerSupervisor(cache_dir=tmp_path, sandbox="bwrap")
+    try:
+        loop.run(supervisor.start())
+        with pytest.raises(WorkerCrashed, match=r"killed by SIGXCPU \(CPU time limit\)"):
+            loop.run(supervisor.run_probe("cpu_spin", {"seconds": 60}, timeout_s=30.0, cpu_budget_s=1.0))
+    finally:
+        loop.run(supervisor.stop())
+        loop.close()

@@ -7,7 +7,8 @@ the same tokenization (tokenizer.json, truncated to sentence_bert_config's max_s
 length-sorted batches padded per batch, the same encoder (exact erf GELU, post-LayerNorm) and the same
 pooling. Anything else about a model — another architecture, module, pooling mode, dtype, a prompt or a
 tokenizer_config that would change the tokenizer — and `fast_path_refusal` names why, and the worker
-uses sentence-transformers instead.
+uses sentence-transformers instead. The encoder may run in bfloat16 or float16 (the host's choice,
+$HEARTH_WORKER_DTYPE): slightly different vectors, still float32 on the way out.
 """
 
 from __future__ import annotations
@@ -193,9 +194,13 @@ class BertEncoder:
     """transformers' BertModel forward (eval, absolute positions, exact GELU, post-LayerNorm) on a
     dict of its weights; returns the last hidden states."""
 
-    def __init__(self, config: dict[str, Any], weights: dict[str, torch.Tensor]) -> None:
+    def __init__(
+        self, config: dict[str, Any], weights: dict[str, torch.Tensor], *, layers: int | None = None
+    ) -> None:
         self.weights = weights
-        self.layers = int(config["num_hidden_layers"])
+        # `layers` runs only the first few: a cheaper, wrong model for the tests' dishonest agents.
+        total = int(config["num_hidden_layers"])
+        self.layers = min(layers, total) if layers else total
         self.heads = int(config["num_attention_heads"])
         self.hidden = int(config["hidden_size"])
         self.eps = float(config.get("layer_norm_eps", 1e-12))
@@ -245,7 +250,14 @@ class BertSentenceEncoder:
     """A sentence-transformers BERT pipeline without sentence-transformers: `encode` returns what
     SentenceTransformer(model_dir).encode(inputs, convert_to_numpy=True) returns."""
 
-    def __init__(self, model_dir: str | Path, *, device: str = "cpu") -> None:
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        layers: int | None = None,
+    ) -> None:
         root = Path(model_dir)
         config = _read_json(root / "config.json")
         st_config = _read_json(root / "sentence_bert_config.json")
@@ -268,8 +280,12 @@ class BertSentenceEncoder:
         self.tokenizer.enable_truncation(max_length=self.max_seq_length, strategy="longest_first")
         self.tokenizer.enable_padding(pad_id=pad_id, pad_token=pad_token, pad_type_id=0)
 
-        weights = load_weights(root / "model.safetensors", config)
-        self.model = BertEncoder(config, {name: t.to(self.device) for name, t in weights.items()})
+        # Weights (and so every activation) in `dtype`; the index buffers stay integers.
+        weights = {
+            name: tensor.to(self.device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+            for name, tensor in load_weights(root / "model.safetensors", config).items()
+        }
+        self.model = BertEncoder(config, weights, layers=layers)
 
     def get_sentence_embedding_dimension(self) -> int:
         return self.dimension
@@ -280,7 +296,8 @@ class BertSentenceEncoder:
         attention_mask = torch.tensor(
             [e.attention_mask for e in encodings], dtype=torch.long, device=self.device
         )
-        tokens = self.model(input_ids, attention_mask)
+        # Pooled and normalized in float32 whatever the encoder ran in: the output is float32.
+        tokens = self.model(input_ids, attention_mask).float()
         mask = attention_mask[..., None].to(tokens.dtype)
         if self.pooling == "mean":
             pooled = (tokens * mask).sum(1) / torch.clamp(mask.sum(1), min=1e-9)

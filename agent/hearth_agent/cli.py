@@ -11,10 +11,14 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hearth_agent import __version__
 from hearth_agent.config import ConfigError, cache_dir, config_dir, config_load, config_path, policy_path
 from hearth_agent.sandbox import SANDBOX_MODES
+
+if TYPE_CHECKING:
+    from hearth_agent.cheat import Cheats
 
 log = logging.getLogger("hearth_agent")
 
@@ -37,6 +41,13 @@ def _setup_logging(verbose: bool) -> None:
 
 def _home(args: argparse.Namespace) -> Path | None:
     return Path(args.home).expanduser().resolve() if args.home else None
+
+
+def _warn_cheating(cheats: Cheats) -> None:
+    banner = "!" * 78
+    log.warning(banner)
+    log.warning("$HEARTH_AGENT_CHEAT=%s: THIS AGENT LIES TO THE SERVER (tests only)", cheats.describe())
+    log.warning(banner)
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
@@ -73,6 +84,21 @@ async def _run_agent(args: argparse.Namespace) -> int:
     threads = args.threads or (
         int(os.environ["HEARTH_WORKER_THREADS"]) if os.environ.get("HEARTH_WORKER_THREADS") else None
     )
+    from hearth_agent.cheat import cheats_from_env, worker_env
+    from hearth_agent.worker import DTYPE_ENV, worker_dtype
+
+    try:
+        dtype = worker_dtype(
+            {DTYPE_ENV: args.worker_dtype or os.environ.get(DTYPE_ENV) or config.worker_dtype}
+        )
+        cheats = cheats_from_env(os.environ)
+    except ValueError as exc:
+        print(f"hearth-agent: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if not cheats.honest:
+        _warn_cheating(cheats)
+    # The supervisor hands HEARTH_WORKER_* from this process's environment to every worker it starts.
+    os.environ.update({DTYPE_ENV: dtype, **worker_env(cheats)})
     from hearth_agent.energy.sites import SiteConfigError, energy_monitor
 
     try:
@@ -165,6 +191,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--threads", type=int, help="torch threads in the worker (default $HEARTH_WORKER_THREADS)"
+    )
+    from hearth_agent.worker import DTYPES
+
+    run.add_argument(
+        "--worker-dtype",
+        choices=DTYPES,
+        help="precision the worker's encoder runs in (default $HEARTH_WORKER_DTYPE, else the config's, "
+        "else float32); bfloat16 is faster on CPUs that have it, its vectors differ slightly",
     )
     run.add_argument(
         "--site",

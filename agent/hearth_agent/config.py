@@ -37,6 +37,9 @@ class AgentConfig(BaseModel):
     powerwall: dict[str, Any] = Field(default_factory=dict, repr=False)
     # CPU energy estimate when there is no NVML: watts per busy core.
     watts_per_core: float = Field(default=15.0, gt=0)
+    # The precision the worker's encoder runs in (`run --worker-dtype` and $HEARTH_WORKER_DTYPE
+    # override it): bfloat16 is faster on CPUs that have it, its vectors differ slightly.
+    worker_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
 
 def config_dir(home: Path | None = None) -> Path:

@@ -12,9 +12,12 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hearth_agent.config import ConfigError, cache_dir, config_dir, config_load, policy_path
+
+if TYPE_CHECKING:
+    from hearth_agent.protocol import BenchmarkReport
 
 EXIT_USAGE = 2
 EXIT_NOT_RUNNING = 5
@@ -113,7 +116,7 @@ def cmd_drain(args: argparse.Namespace) -> int:
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
-    from hearth_agent.benchmark import BenchmarkError, benchmark_run
+    from hearth_agent.benchmark import BenchmarkError, benchmark_report, benchmark_run
 
     home = _home(args)
     if args.json:
@@ -123,24 +126,46 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
                 handler.setStream(sys.stderr)
     try:
         result = benchmark_run(
-            cache_root=cache_dir(home), home=home, force=args.force, batch_sizes=args.batch_sizes
+            cache_root=cache_dir(home),
+            home=home,
+            force=args.force,
+            batch_sizes=args.batch_sizes,
+            with_minilm=not args.hardware_only,
+            seconds=args.seconds,
         )
     except BenchmarkError as exc:
         print(f"hearth-agent: benchmark failed: {exc}", file=sys.stderr)
         return EXIT_BENCHMARK
+    report = benchmark_report(result)
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(json.dumps({**result, "report": report.model_dump()}, indent=2))
         return 0
+    print("\n".join(benchmark_lines(result, report)))
+    return 0
+
+
+def benchmark_lines(result: dict[str, Any], report: BenchmarkReport) -> list[str]:
     cached = " (cached; --force to measure again)" if result.get("cached") else ""
-    print(f"benchmark{cached}: {result['device']} {result['device_name']}, torch {result['torch']}")
-    print(f"  matmul fp32: {result['matmul_fp32_gflops']:.1f} GFLOP/s (n={result['matmul_n']})")
+    lines = [
+        f"benchmark{cached}: {result['device']} {result['device_name']}, torch {result['torch']}",
+        f"  matmul fp32: {result['matmul_fp32_gflops']:.1f} GFLOP/s (n={result['matmul_n']})",
+    ]
+    if result.get("matmul_half_gflops") is not None:
+        lines.append(f"  matmul {result['half_dtype']}: {result['matmul_half_gflops']:.1f} GFLOP/s")
+    lines += [
+        f"  memory bandwidth: {result['memory_bandwidth_gbs']:.1f} GB/s (copying {result['bandwidth_mb']} MiB)",
+        f"  largest allocation: {result['max_alloc_mb']} MiB",
+    ]
     minilm = result.get("minilm")
     if minilm and minilm.get("items_per_s"):
         for batch, rate in minilm["items_per_s"].items():
-            print(f"  {minilm['model']} batch {batch}: {rate:.1f} items/s")
+            lines.append(f"  {minilm['model']} batch {batch}: {rate:.1f} items/s")
+        lines.append(f"  tuned batch: {report.minilm_batch}")
+    elif minilm is None:
+        lines.append("  MiniLM: not measured (hardware only)")
     else:
-        print(f"  MiniLM: skipped ({(minilm or {}).get('skipped', 'no model')})")
-    return 0
+        lines.append(f"  MiniLM: skipped ({minilm.get('skipped', 'no model')})")
+    return lines
 
 
 # ---- uninstall --------------------------------------------------------------
@@ -257,7 +282,7 @@ def owner_commands_add(sub: Any, *, home_help: str) -> None:
     drain.set_defaults(func=cmd_drain)
 
     bench = sub.add_parser(
-        "benchmark", help="measure matmul GFLOP/s and MiniLM items/s (cached per hardware)"
+        "benchmark", help="measure matmul GFLOP/s, memory bandwidth and MiniLM items/s (cached per hardware)"
     )
     bench.add_argument("--home", help=home_help)
     bench.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -268,6 +293,15 @@ def owner_commands_add(sub: Any, *, home_help: str) -> None:
         default=[1, 8, 32],
         metavar="N,N,…",
         help="MiniLM batch sizes (default 1,8,32)",
+    )
+    bench.add_argument(
+        "--hardware-only", action="store_true", help="matmul, bandwidth and allocation only: no MiniLM"
+    )
+    bench.add_argument(
+        "--seconds",
+        type=float,
+        metavar="S",
+        help="seconds per measurement (default $HEARTH_AGENT_BENCH_SECONDS, else 1)",
     )
     bench.set_defaults(func=cmd_benchmark)
 

@@ -87,6 +87,24 @@ class GpuInfo(_Strict):
     memory_mb: int = Field(ge=0)
 
 
+class BenchmarkReport(_Strict):
+    """What `hearth-agent benchmark` measured on this machine; the server checks it against the
+    device the agent claims (marketplace.trust.hardware)."""
+
+    key: str = Field(description="hash of hardware + agent + torch version the numbers belong to")
+    measured_at: str
+    device: str = Field(description="'cuda' or 'cpu'")
+    device_name: str
+    cpu_count: int = Field(ge=1)
+    matmul_fp32_gflops: float = Field(ge=0)
+    matmul_half_gflops: float | None = Field(default=None, ge=0)
+    half_dtype: str | None = Field(default=None, description="'bfloat16' or 'float16': the faster safe one")
+    memory_bandwidth_gbs: float = Field(ge=0)
+    max_alloc_mb: int = Field(ge=0, description="largest single allocation that succeeded on the device")
+    minilm_items_per_s: float | None = Field(default=None, ge=0)
+    minilm_batch: int | None = Field(default=None, ge=1, description="the tuned batch size")
+
+
 class HelloPayload(_Strict):
     agent_version: str
     protocol_version: int
@@ -101,6 +119,7 @@ class HelloPayload(_Strict):
     cached_models: list[str] = Field(default=[], description="sha256 of cached weights")
     slots: int = Field(ge=1, le=64)
     isolation: list[str] = Field(default=[], description="sandbox layers the worker actually got")
+    benchmark: BenchmarkReport | None = Field(default=None, description="cached benchmark, if any")
 
 
 class WelcomePayload(_Strict):
@@ -183,6 +202,12 @@ class ConfigPayload(_Strict):
 
     policy: EnergyPolicy
     power_interval_s: float = Field(gt=0)
+
+
+class BenchmarkRequestPayload(_Strict):
+    """Server → agent: measure again (periodic or random re-check); answered with `benchmark`."""
+
+    reason: str
 
 
 class TaskCancelPayload(_Strict):
@@ -270,8 +295,18 @@ class TaskRejected(_Frame):
     payload: TaskRejectedPayload
 
 
-AgentFrame = Hello | Ready | Heartbeat | TaskResult | TaskFailed | TaskRelease | Power | Drain
-ServerFrame = Welcome | TaskAssign | TaskCancel | TaskRejected | Config
+class BenchmarkRequest(_Frame):
+    type: Literal["benchmark.request.v1"] = "benchmark.request.v1"
+    payload: BenchmarkRequestPayload
+
+
+class Benchmark(_Frame):
+    type: Literal["benchmark.v1"] = "benchmark.v1"
+    payload: BenchmarkReport
+
+
+AgentFrame = Hello | Ready | Heartbeat | TaskResult | TaskFailed | TaskRelease | Power | Drain | Benchmark
+ServerFrame = Welcome | TaskAssign | TaskCancel | TaskRejected | Config | BenchmarkRequest
 Frame = Annotated[
     Hello
     | Welcome
@@ -285,7 +320,9 @@ Frame = Annotated[
     | TaskRejected
     | Power
     | Drain
-    | Config,
+    | Config
+    | BenchmarkRequest
+    | Benchmark,
     Field(discriminator="type"),
 ]
 _FRAME_ADAPTER: TypeAdapter[Any] = TypeAdapter(Frame)

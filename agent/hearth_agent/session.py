@@ -1,11 +1,13 @@
-"""One websocket session with the server: hello → welcome → ready, heartbeats, and the tasks the
-server assigns over it. Leases die with the session (the server requeues them), so nothing here
-outlives the connection except the worker, which the supervisor owns."""
+"""One websocket session with the server: hello → welcome → ready, heartbeats, the tasks the
+server assigns over it, and the hardware benchmark it checks the claimed device against. Leases die
+with the session (the server requeues them), so nothing here outlives the connection except the
+worker, which the supervisor owns, and the benchmark cache."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -13,13 +15,19 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+import numpy as np
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
+from hearth_agent import benchmark, cheat
+from hearth_agent.cheat import Cheats
 from hearth_agent.energy import EnergyMonitor, PowerReading, TaskMeter
 from hearth_agent.model_cache import ModelCache, ModelCacheError
 from hearth_agent.policy import Verdict
 from hearth_agent.protocol import (
+    Benchmark,
+    BenchmarkReport,
+    BenchmarkRequest,
     CloseCode,
     Config,
     Drain,
@@ -47,13 +55,19 @@ from hearth_agent.protocol import (
     encode_embeddings,
     parse_frame,
 )
-from hearth_agent.supervisor import WorkerError, WorkerInfo, WorkerSupervisor
+from hearth_agent.supervisor import EmbedResult, WorkerError, WorkerInfo, WorkerSupervisor
 
 log = logging.getLogger(__name__)
 
 # A batch may overrun its lease a little (the server may still accept it); beyond that it is hung.
 _LEASE_GRACE_S = 30.0
 _MIN_BATCH_TIMEOUT_S = 60.0
+# A benchmark waits this long at most for the worker to be idle: measured while a batch shares
+# the machine, every number would come out low.
+_BENCHMARK_IDLE_WAIT_S = 60.0
+# The first one also lets the session settle: a server assigns queued work (and the agent fetches
+# models) right after `ready`, and importing torch here would slow both.
+_FIRST_BENCHMARK_DELAY_S = 2.0
 
 
 @dataclass
@@ -93,6 +107,7 @@ class AgentSession:
         energy: EnergyMonitor | None = None,
         draining: bool = False,
         drain_reason: str = "",
+        cheats: Cheats | None = None,
     ) -> None:
         self.ws = ws
         self.hello = hello
@@ -114,6 +129,12 @@ class AgentSession:
         self.draining = draining
         self.drain_reason = drain_reason
         self.welcomed = False
+        # Honest unless a test set $HEARTH_AGENT_CHEAT (see cheat.py).
+        self.cheats = cheats if cheats is not None else cheat.cheats_from_env(os.environ)
+        self._cheat_rng = np.random.default_rng()
+        self._last_computed: EmbedResult | None = None
+        self._tasks_begun = 0
+        self._benchmarking: asyncio.Task[None] | None = None
 
     # ---- public -----------------------------------------------------------
 
@@ -131,7 +152,8 @@ class AgentSession:
 
     async def run(self) -> SessionEnd:
         try:
-            await self._send(Hello(payload=self.hello))
+            hello = self._hello_payload()
+            await self._send(Hello(payload=hello))
             welcome = await self._wait_welcome()
             if welcome is None:
                 return self._ended()
@@ -152,6 +174,8 @@ class AgentSession:
             await self._send_ready()
             heartbeats = self._spawn(self._heartbeat_loop())
             power = self._spawn(self._power_loop(first_reading))
+            if hello.benchmark is None and self.supervisor.info is not None:
+                self._benchmark_start(force=False, why="none cached for this hardware")
             try:
                 await self._receive_loop()
             finally:
@@ -168,6 +192,12 @@ class AgentSession:
     async def _send(self, frame: Any) -> None:
         async with self._send_lock:
             await self.ws.send(dump_frame(frame))
+
+    def _hello_payload(self) -> HelloPayload:
+        """The hello, with the benchmark cached for the worker's hardware if there is one."""
+        report = self.hello.benchmark or self._cached_benchmark()
+        hello = self.hello.model_copy(update={"benchmark": report}) if report else self.hello
+        return cheat.hello_apply(self.cheats, hello)
 
     async def _send_ready(self) -> None:
         info = self.supervisor.info
@@ -282,6 +312,8 @@ class AgentSession:
                 self._on_config(frame)
             elif isinstance(frame, TaskCancel):
                 self._on_cancel(frame.payload.lease_id, frame.payload.task_id, frame.payload.reason)
+            elif isinstance(frame, BenchmarkRequest):
+                self._on_benchmark_request(frame.payload.reason)
             elif isinstance(frame, TaskRejected):
                 p = frame.payload
                 log.warning(
@@ -340,6 +372,63 @@ class AgentSession:
             task.handle.cancel()
         log.info("task %s cancelled by the server (%s) while %s", task_id, reason, task.state)
 
+    # ---- benchmark --------------------------------------------------------
+
+    def _cached_benchmark(self) -> BenchmarkReport | None:
+        """Found by what the worker reported, so the agent need not import torch to look."""
+        info = self.supervisor.info
+        if info is None:
+            return None
+        key = benchmark.worker_hardware_key(
+            torch_version=info.torch_version, device=info.device, gpus=info.gpus
+        )
+        return benchmark.cached_report(self.cache.root, key)
+
+    def _on_benchmark_request(self, reason: str) -> None:
+        if not self._benchmark_start(force=True, why=f"the server asked: {reason}"):
+            log.info("benchmark request (%s) ignored: one is already running", reason)
+
+    def _benchmark_start(self, *, force: bool, why: str) -> bool:
+        """Measure in the background; False when a measurement is already under way."""
+        if self._benchmarking is not None and not self._benchmarking.done():
+            return False
+        log.info("benchmarking this machine's hardware (%s)", why)
+        self._benchmarking = self._spawn(self._benchmark(force=force))
+        return True
+
+    async def _benchmark(self, *, force: bool) -> None:
+        """Hardware only, in a thread (torch releases the GIL): heartbeats and batches go on.
+        `force` measures again (the server asked) rather than reporting the cached result."""
+        if not force:
+            await asyncio.sleep(_FIRST_BENCHMARK_DELAY_S)
+        deadline = time.monotonic() + _BENCHMARK_IDLE_WAIT_S
+        while self.tasks and time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+        try:
+            result = await asyncio.to_thread(
+                benchmark.benchmark_run, cache_root=self.cache.root, home=None, force=force, with_minilm=False
+            )
+            report = cheat.report_apply(self.cheats, benchmark.benchmark_report(result))
+        except benchmark.BenchmarkError as exc:
+            log.warning("the benchmark could not run: %s", exc)
+            return
+        except Exception:
+            log.exception("the benchmark failed")
+            return
+        log.info(
+            "benchmark%s: %s %s, fp32 %.0f GFLOP/s, %s %s GFLOP/s, %.1f GB/s, largest allocation %d MiB",
+            " (cached)" if result.get("cached") else "",
+            report.device,
+            report.device_name,
+            report.matmul_fp32_gflops,
+            report.half_dtype,
+            report.matmul_half_gflops,
+            report.memory_bandwidth_gbs,
+            report.max_alloc_mb,
+        )
+        if not self._closed:
+            await self._send_quietly(self._send(Benchmark(payload=report)))
+
     # ---- work -------------------------------------------------------------
 
     def _batch_timeout(self, assign: TaskAssignPayload) -> float:
@@ -359,6 +448,12 @@ class AgentSession:
 
     async def _run_task(self, task: LocalTask) -> None:
         assign = task.assign
+        # A sleeper cheat ($HEARTH_AGENT_CHEAT_AFTER) answers its first tasks honestly.
+        cheats = dataclasses.replace(self.cheats, vectors=self.cheats.vectors_for(self._tasks_begun))
+        self._tasks_begun += 1
+        if cheats.vectors == "silent":
+            await self._hold_silently(task)
+            return
 
         meter: TaskMeter | None = None
 
@@ -370,17 +465,21 @@ class AgentSession:
         try:
             model_dir = await self.cache.ensure(assign.model_sha256)
             task.state = "queued"
-            try:
-                result = await self.supervisor.embed(
-                    model_dir=model_dir,
-                    model_sha256=assign.model_sha256,
-                    inputs=list(assign.inputs),
-                    timeout_s=self._batch_timeout(assign),
-                    on_start=mark_running,
-                )
-            finally:
-                if meter is not None:
-                    meter.stop()
+            if cheats.vectors == "copy" and self._last_computed is not None:
+                result = cheat.copied_result(self._last_computed, count=len(assign.inputs))
+            else:
+                try:
+                    result = await self.supervisor.embed(
+                        model_dir=model_dir,
+                        model_sha256=assign.model_sha256,
+                        inputs=list(assign.inputs),
+                        timeout_s=self._batch_timeout(assign),
+                        on_start=mark_running,
+                    )
+                finally:
+                    if meter is not None:
+                        meter.stop()
+                self._last_computed = result
         except asyncio.CancelledError:
             return
         except ModelCacheError as exc:
@@ -398,6 +497,7 @@ class AgentSession:
             if task.cancelled or self._closed:
                 log.info("result of task %s dropped (cancelled or disconnected)", assign.task_id)
                 return
+            result = cheat.result_apply(cheats, result, self._cheat_rng)
             embeddings_b64, digest = encode_embeddings(result.embeddings)
             meter = meter or self.energy.start_task(busy_cores=self._busy_cores())
             energy_wh, energy_source = meter.energy(result.compute_ms)
@@ -428,6 +528,13 @@ class AgentSession:
             )
         except ConnectionClosed:
             log.info("result of task %s not sent: the connection closed", assign.task_id)
+
+    async def _hold_silently(self, task: LocalTask) -> None:
+        """Cheat `silent`: hold the lease (heartbeats list it) and never answer, until the server
+        cancels it or the session ends."""
+        task.state = "queued"
+        log.warning("task %s held without an answer ($HEARTH_AGENT_CHEAT=silent)", task.assign.task_id)
+        await asyncio.Event().wait()
 
     async def _fail(self, task: LocalTask, reason: str, *, retryable: bool) -> None:
         assign = task.assign

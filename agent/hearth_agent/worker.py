@@ -18,6 +18,12 @@ $HEARTH_WORKER_CONFINE, seccomp) and the ready message says what took.
 
 Only this module (with bert.py, its fast path) imports torch: the agent process stays small and never
 runs model code.
+
+$HEARTH_WORKER_DTYPE (float32 | bfloat16 | float16) is the precision the fast path's encoder runs in:
+an honest choice of the host's, vectors within 0.9998 cosine of float32's. A model on the
+sentence-transformers fallback stays float32 (pooled in bfloat16 there, MiniLM drops to ~0.9987).
+$HEARTH_WORKER_CHEAT_LAYERS is not honest: it runs only that many transformer layers, for the
+tests' dishonest agents (cheat.py, mode `cheaper`); the fast path only.
 """
 
 from __future__ import annotations
@@ -32,12 +38,35 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Mapping
 from typing import IO, Any
 
 from hearth_agent.confine import confine_self, cpu_budget_set, cpu_seconds_used
 from hearth_agent.probes import probe_run
 
 PR_SET_PDEATHSIG = 1
+DTYPE_ENV = "HEARTH_WORKER_DTYPE"
+DTYPES = ("float32", "bfloat16", "float16")
+CHEAT_LAYERS_ENV = "HEARTH_WORKER_CHEAT_LAYERS"
+
+
+def worker_dtype(env: Mapping[str, str]) -> str:
+    """The precision the encoder runs in; float32 unless the host chose otherwise."""
+    dtype = env.get(DTYPE_ENV) or "float32"
+    if dtype not in DTYPES:
+        raise ValueError(f"${DTYPE_ENV} must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return dtype
+
+
+def cheat_layers(env: Mapping[str, str]) -> int | None:
+    """Test-only: run only this many transformer layers (None: all of them, honestly)."""
+    text = env.get(CHEAT_LAYERS_ENV)
+    if not text:
+        return None
+    layers = int(text)
+    if layers < 1:
+        raise ValueError(f"${CHEAT_LAYERS_ENV} must be at least 1, got {text!r}")
+    return layers
 
 
 def set_parent_death_signal() -> None:
@@ -103,9 +132,13 @@ def probe_sandbox(env: dict[str, str]) -> dict[str, Any]:
 class Worker:
     """Holds warm models (LRU, bounded) and embeds batches."""
 
-    def __init__(self, *, device: str, max_models: int) -> None:
+    def __init__(
+        self, *, device: str, max_models: int, dtype: str = "float32", layers: int | None = None
+    ) -> None:
         self.device = device
         self.max_models = max_models
+        self.dtype = dtype
+        self.layers = layers
         self.models: collections.OrderedDict[str, Any] = collections.OrderedDict()
         self.loads = 0
 
@@ -113,13 +146,17 @@ class Worker:
         if key in self.models:
             self.models.move_to_end(key)
             return self.models[key], 0.0
+        import torch
+
         from hearth_agent import bert
 
         started = time.perf_counter()
         model: Any
         if bert.fast_path_refusal(model_dir) is None:
             # A plain BERT sentence encoder: same vectors without importing transformers (seconds).
-            model = bert.BertSentenceEncoder(model_dir, device=self.device)
+            model = bert.BertSentenceEncoder(
+                model_dir, device=self.device, dtype=getattr(torch, self.dtype), layers=self.layers
+            )
         else:
             model = self._sentence_transformer(model_dir)
         load_ms = (time.perf_counter() - started) * 1000
@@ -213,7 +250,12 @@ def main() -> int:
     # (and transformers, ~9 s on a small CPU) is imported only for a model the fast path refuses.
     from hearth_agent import bert  # noqa: F401
 
-    worker = Worker(device=device, max_models=int(os.environ.get("HEARTH_WORKER_MAX_MODELS", "2")))
+    worker = Worker(
+        device=device,
+        max_models=int(os.environ.get("HEARTH_WORKER_MAX_MODELS", "2")),
+        dtype=worker_dtype(os.environ),
+        layers=cheat_layers(os.environ),
+    )
     _send(
         channel,
         {
@@ -225,6 +267,8 @@ def main() -> int:
             "device": device,
             "gpus": gpus,
             "threads": torch.get_num_threads(),
+            "dtype": worker.dtype,
+            "cheat_layers": worker.layers,
         },
     )
     for line in sys.stdin:

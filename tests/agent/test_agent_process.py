@@ -73,12 +73,15 @@ async def _scripted_server(
         if request.path.startswith("/ws/agent/"):
             return None
         run.http_paths.append(request.path)
+        # websockets closes the connection after a plain HTTP response; say so, or the agent's
+        # HTTP client may reuse it for the next file, find it closed and fail the task.
+        close = ("Connection", "close")
         if request.headers.get("Authorization") != f"Bearer {TOKEN}":
-            return Response(401, "Unauthorized", Headers([("Content-Length", "0")]), b"")
+            return Response(401, "Unauthorized", Headers([("Content-Length", "0"), close]), b"")
         body = routes.get(request.path)
         if body is None:
-            return Response(404, "Not Found", Headers([("Content-Length", "0")]), b"")
-        return Response(200, "OK", Headers([("Content-Length", str(len(body)))]), body)
+            return Response(404, "Not Found", Headers([("Content-Length", "0"), close]), b"")
+        return Response(200, "OK", Headers([("Content-Length", str(len(body))), close]), body)
 
     async def frames(ws: ServerConnection) -> Any:
         frame = parse_frame(await ws.recv())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import factory
+from django.utils import timezone
 
 from marketplace.accounts.models import User
 from marketplace.accounts.tokens import secret_issue
@@ -34,3 +35,7 @@ class HostFactory(factory.django.DjangoModelFactory[Host]):
     slots = 2
     memory_mb = 8192
     device = "cpu"
+    # Verified as after its known-answer tasks, with a plausible benchmark (tests of trust start fresh).
+    verified_at = factory.LazyFunction(timezone.now)
+    hardware_ok = True
+    reliability = 0.85

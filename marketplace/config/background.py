@@ -1,4 +1,4 @@
-"""The periodic work: lease reaper and offline sweeper.
+"""The periodic work: lease reaper, offline sweeper, re-benchmark requests.
 
 Under Celery, beat schedules `marketplace.jobs.tasks.*`; in the embedded
 default the ASGI process runs the same functions on an asyncio loop.
@@ -19,8 +19,10 @@ def sweep_once() -> tuple[int, int]:
     from marketplace.hosts.power import power_rollup
     from marketplace.hosts.services import hosts_sweep_offline
     from marketplace.jobs.services import leases_requeue_expired
+    from marketplace.trust.services import hosts_request_benchmark
 
     power_rollup()
+    hosts_request_benchmark()
     return leases_requeue_expired(), hosts_sweep_offline()
 
 

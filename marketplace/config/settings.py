@@ -43,6 +43,7 @@ INSTALLED_APPS = [
     "marketplace.hosts",
     "marketplace.jobs",
     "marketplace.matching",
+    "marketplace.trust",
     "marketplace.gateway",
     "marketplace.dashboard",
 ]
@@ -134,6 +135,23 @@ HEARTH_POWER_INTERVAL_S = env_float("HEARTH_POWER_INTERVAL_S", 10.0, minimum=0.1
 HEARTH_LEASE_SECONDS = env_float("HEARTH_LEASE_SECONDS", 120.0, minimum=1.0)
 HEARTH_MAX_ATTEMPTS = env_int("HEARTH_MAX_ATTEMPTS", 3, minimum=1)
 HEARTH_ENROLLMENT_TOKEN_TTL_S = env_int("HEARTH_ENROLLMENT_TOKEN_TTL_S", 24 * 3600, minimum=60)
+# A lease is renewed by heartbeats only up to this long after assignment: a host that holds a task
+# and never answers loses it (and gets a strike) however faithfully it heartbeats.
+HEARTH_TASK_MAX_RUNTIME_S = env_float("HEARTH_TASK_MAX_RUNTIME_S", 600.0, minimum=1.0)
+
+# Trust (marketplace.trust).
+HEARTH_EMBEDDING_MIN_COSINE = env_float("HEARTH_EMBEDDING_MIN_COSINE", 0.999, minimum=0.0)
+HEARTH_CANARIES_TO_VERIFY = env_int("HEARTH_CANARIES_TO_VERIFY", 3, minimum=1)
+HEARTH_CANARY_RATE_MAX = env_float("HEARTH_CANARY_RATE_MAX", 0.5, minimum=0.0)
+HEARTH_CANARY_RATE_MIN = env_float("HEARTH_CANARY_RATE_MIN", 0.02, minimum=0.0)
+HEARTH_STRIKES_TO_QUARANTINE = env_int("HEARTH_STRIKES_TO_QUARANTINE", 3, minimum=1)
+# A struck host's unchecked results in jobs still running are re-run elsewhere before delivery.
+HEARTH_RECHECK_AFTER_STRIKE = env_bool("HEARTH_RECHECK_AFTER_STRIKE", True)
+HEARTH_TRUSTED_MIN_SCORE = env_float("HEARTH_TRUSTED_MIN_SCORE", 0.7, minimum=0.0)
+HEARTH_DEFAULT_SPOT_FRACTION = env_float("HEARTH_DEFAULT_SPOT_FRACTION", 0.05, minimum=0.0)
+HEARTH_REBENCHMARK_S = env_float("HEARTH_REBENCHMARK_S", 24 * 3600.0, minimum=1.0)
+# Besides the periodic re-benchmark, each online host is asked at random, on average this often.
+HEARTH_REBENCHMARK_RANDOM_MEAN_S = env_float("HEARTH_REBENCHMARK_RANDOM_MEAN_S", 12 * 3600.0, minimum=1.0)
 
 # Job limits.
 HEARTH_DEFAULT_TASK_SIZE = env_int("HEARTH_DEFAULT_TASK_SIZE", 64, minimum=1)

@@ -10,6 +10,7 @@ from marketplace.hosts.apis import (
     HostListApi,
     HostPolicyApi,
     HostPowerApi,
+    HostReliabilityApi,
     HostRevokeApi,
 )
 from marketplace.jobs.apis import JobCancelApi, JobDetailApi, JobListCreateApi, JobResultsApi
@@ -28,6 +29,7 @@ api_v1 = [
     path("hosts/<str:host_id>/revoke", HostRevokeApi.as_view(), name="host-revoke"),
     path("hosts/<str:host_id>/policy", HostPolicyApi.as_view(), name="host-policy"),
     path("hosts/<str:host_id>/power", HostPowerApi.as_view(), name="host-power"),
+    path("hosts/<str:host_id>/reliability", HostReliabilityApi.as_view(), name="host-reliability"),
     path("agents/enroll", AgentEnrollApi.as_view(), name="agent-enroll"),
     path("agents/models/<str:sha256>", ModelManifestApi.as_view(), name="model-manifest"),
 ]

@@ -22,6 +22,7 @@ from marketplace.hosts.models import Host
 from marketplace.hosts.power import power_record
 from marketplace.jobs import services as job_services
 from marketplace.matching.services import tasks_claim_for_host
+from marketplace.trust.services import host_benchmark_record
 
 logger = logging.getLogger(__name__)
 SERVER_VERSION = "0.1.0"
@@ -122,6 +123,11 @@ class AgentConsumer(AsyncWebsocketConsumer):
                 )
                 if not frame.payload.draining:
                     await self._claim_and_assign()
+            case protocol.Benchmark():
+                await database_sync_to_async(host_benchmark_record)(
+                    host_id=self.host_id, report=frame.payload
+                )
+                await self._claim_and_assign()
             case _:
                 logger.warning("host %s sent a server-only frame %s", self.host_id, frame.type)
                 await self.close(code=protocol.CloseCode.MALFORMED_FRAME)
@@ -207,6 +213,12 @@ class AgentConsumer(AsyncWebsocketConsumer):
     async def agent_config(self, message: dict[str, Any]) -> None:
         if self.hello_received:
             await self._send_config()
+
+    async def agent_benchmark(self, message: dict[str, Any]) -> None:
+        if self.hello_received:
+            await self._send_frame(
+                protocol.BenchmarkRequest(payload=protocol.BenchmarkRequestPayload(reason=message["reason"]))
+            )
 
     async def agent_close(self, message: dict[str, Any]) -> None:
         # The server already released this connection's state; do not requeue twice.

@@ -30,6 +30,7 @@ from marketplace.hosts.services import (
     host_policy_update,
     host_token_revoke,
 )
+from marketplace.trust.selectors import host_reliability, host_trust_summary
 
 
 def _power_json(host: Host) -> dict[str, Any] | None:
@@ -61,6 +62,7 @@ def _host_json(host: Host) -> dict[str, Any]:
         "draining_reason": host.draining_reason,
         "policy": host_policy(host=host).model_dump(mode="json"),
         "power": _power_json(host),
+        "trust": host_trust_summary(host=host),
         "last_seen_at": host.last_seen_at,
         "created_at": host.created_at,
     }
@@ -136,6 +138,13 @@ class HostPolicyApi(APIView):
         return Response(policy.model_dump(mode="json"))
 
     patch = put
+
+
+class HostReliabilityApi(APIView):
+    """The machine's reliability score, its parts, strikes with evidence, and every change's reason."""
+
+    def get(self, request: Request, host_id: str) -> Response:
+        return Response(host_reliability(host=_owned_host(request, host_id)))
 
 
 class HostPowerApi(APIView):

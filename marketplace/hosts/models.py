@@ -72,6 +72,26 @@ class Host(models.Model):
     agent_work_allowed = models.BooleanField(default=True)
     agent_work_reason = models.CharField(max_length=200, blank=True, default="")
 
+    # Trust (marketplace.trust): the measured hardware, canaries, checks and the consequences.
+    benchmark = models.JSONField(default=dict, blank=True, help_text="the last BenchmarkReport")
+    benchmark_at = models.DateTimeField(null=True, blank=True)
+    benchmark_requested_at = models.DateTimeField(null=True, blank=True)
+    hardware_ok = models.BooleanField(null=True, blank=True, help_text="None until a benchmark arrives")
+    hardware_reason = models.CharField(max_length=400, blank=True, default="")
+    verified_at = models.DateTimeField(null=True, blank=True)
+    canaries_passed = models.PositiveIntegerField(default=0)
+    canaries_failed = models.PositiveIntegerField(default=0)
+    checks_passed = models.PositiveIntegerField(default=0, help_text="results that matched another run")
+    checks_failed = models.PositiveIntegerField(default=0)
+    pass_streak = models.PositiveIntegerField(default=0, help_text="verifications passed in a row")
+    tasks_completed = models.PositiveIntegerField(default=0)
+    tasks_failed = models.PositiveIntegerField(default=0)
+    leases_expired = models.PositiveIntegerField(default=0)
+    reliability = models.FloatField(default=0.5)
+    quarantined_at = models.DateTimeField(null=True, blank=True)
+    quarantine_reason = models.CharField(max_length=400, blank=True, default="")
+    earnings_withheld = models.BooleanField(default=False, help_text="pending earnings held for review")
+
     class Meta:
         ordering = ["created_at"]
 

@@ -17,6 +17,7 @@ from marketplace.accounts.models import User
 from marketplace.accounts.tokens import secret_digest, secret_issue
 from marketplace.gateway import notify
 from marketplace.hosts.models import EnrollmentToken, Host
+from marketplace.trust.services import host_benchmark_record, score_update, session_end, session_start
 
 ENROLLMENT_KIND = "he"
 HOST_TOKEN_KIND = "ht"
@@ -121,8 +122,12 @@ def host_connect(*, host_id: uuid.UUID, channel_name: str, hello: protocol.Hello
     host.device = hello.device
     host.memory_mb = hello.memory_mb
     host.isolation = list(hello.isolation)
-    host.capabilities = hello.model_dump(mode="json", exclude={"slots", "isolation"})
+    host.capabilities = hello.model_dump(mode="json", exclude={"slots", "isolation", "benchmark"})
     host.save()
+    session_start(host_id=host_id, channel_name=channel_name, now=now)
+    if hello.benchmark is not None:
+        host_benchmark_record(host_id=host_id, report=hello.benchmark)
+        host.refresh_from_db()
     return host
 
 
@@ -154,6 +159,8 @@ def host_disconnect(*, host_id: uuid.UUID, channel_name: str, reason: str) -> bo
     )
     if gone:
         tasks_requeue_for_host(host_id=host_id, reason=reason)
+        session_end(host_id=host_id, channel_name=channel_name, now=timezone.now())
+        score_update(host_id=host_id, reason=f"went offline: {reason}")
     return bool(gone)
 
 

@@ -49,6 +49,16 @@ def _task_size(raw: Any) -> int | None:
     return raw
 
 
+def _number(raw: Any, field: str) -> Any:
+    """Form fields arrive as text; JSON numbers pass through for the service to check."""
+    if not isinstance(raw, str) or raw == "":
+        return None if raw == "" else raw
+    try:
+        return float(raw) if "." in raw else int(raw)
+    except ValueError as exc:
+        raise ValidationError({field: [f"{field} must be a number"]}) from exc
+
+
 class JobListCreateApi(APIView):
     parser_classes = [JSONParser, MultiPartParser, FormParser]
 
@@ -85,6 +95,9 @@ class JobListCreateApi(APIView):
                 model_name=data["model"],
                 inputs=inputs,
                 task_size=_task_size(data.get("task_size")),
+                verification=data.get("verification"),
+                spot_fraction=_number(data.get("spot_fraction"), "spot_fraction"),
+                replicas=_number(data.get("replicas"), "replicas"),
             )
         except JobTooLarge as exc:
             raise PayloadTooLarge(str(exc)) from exc

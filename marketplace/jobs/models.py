@@ -10,6 +10,25 @@ from django.db import models
 from marketplace.jobs.states import JobStatus, TaskStatus
 
 
+class Verification(models.TextChoices):
+    NONE = "none", "None"
+    SPOT = "spot", "Spot checks"
+    REDUNDANT = "redundant", "Redundant"
+
+
+class TaskRole(models.TextChoices):
+    PRIMARY = "primary", "Primary"  # the buyer's task; its output is what the buyer receives
+    REPLICA = "replica", "Replica"  # another run of a primary's inputs, on another host
+    CANARY = "canary", "Canary"  # a known-answer task; never part of a buyer's job
+
+
+class Verdict(models.TextChoices):
+    NONE = "", "Not judged yet"
+    PASSED = "passed", "Passed"
+    FAILED = "failed", "Failed"
+    UNCHECKED = "unchecked", "Accepted unchecked"
+
+
 class Job(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     buyer = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="jobs")
@@ -24,6 +43,9 @@ class Job(models.Model):
     green_only = models.BooleanField(
         default=False, help_text="run only on hosts powered by solar/battery now"
     )
+    verification = models.CharField(max_length=10, choices=Verification.choices, default=Verification.NONE)
+    spot_fraction = models.FloatField(default=0.0, help_text="share of tasks re-run elsewhere (spot)")
+    replicas = models.PositiveSmallIntegerField(default=1, help_text="runs per task (redundant: k)")
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
@@ -64,9 +86,24 @@ class Task(models.Model):
     completed_at = models.DateTimeField(null=True, blank=True)
     last_error = models.TextField(blank=True, default="")
 
+    # Verification: every run of the same inputs shares `group` (the primary's id).
+    role = models.CharField(max_length=8, choices=TaskRole.choices, default=TaskRole.PRIMARY)
+    group = models.UUIDField(null=True, blank=True, db_index=True)
+    needs_trusted = models.BooleanField(default=False, help_text="a tie-break: only a trusted host runs it")
+    verdict = models.CharField(max_length=10, choices=Verdict.choices, blank=True, default="")
+    verdict_reason = models.TextField(blank=True, default="")
+    settled = models.BooleanField(default=False, help_text="primary: the output is final for the buyer")
+    expected = models.BinaryField(null=True, blank=True, help_text="canary: the known answer")
+
     class Meta:
         ordering = ["job", "index"]
-        constraints = [models.UniqueConstraint(fields=["job", "index"], name="unique_task_index_per_job")]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["job", "index"],
+                condition=models.Q(role="primary"),
+                name="unique_task_index_per_job",
+            )
+        ]
         indexes = [models.Index(fields=["status", "job"], name="task_status_job")]
 
     def __str__(self) -> str:

@@ -11,7 +11,7 @@ import numpy as np
 from django.db.models import Count, QuerySet, Sum
 
 from marketplace.accounts.models import User
-from marketplace.jobs.models import Job, Task
+from marketplace.jobs.models import Job, Task, TaskRole, Verdict, Verification
 from marketplace.jobs.states import TaskStatus
 
 
@@ -49,10 +49,27 @@ def job_energy(*, job: Job) -> dict[str, Any]:
 
 
 def job_task_counts(*, job: Job) -> dict[str, int]:
+    """The buyer's tasks by state (replicas and tie-breaks are counted under `verification`)."""
     counts = {status: 0 for status in TaskStatus.values}
-    for row in Task.objects.filter(job=job).values("status").annotate(n=Count("id")):
+    for row in Task.objects.filter(job=job, role=TaskRole.PRIMARY).values("status").annotate(n=Count("id")):
         counts[row["status"]] = row["n"]
     return counts
+
+
+def job_verification(*, job: Job) -> dict[str, Any]:
+    runs = Task.objects.filter(job=job)
+    verdicts = {row["verdict"]: row["n"] for row in runs.values("verdict").annotate(n=Count("id"))}
+    return {
+        "level": job.verification,
+        "spot_fraction": job.spot_fraction if job.verification == Verification.SPOT else None,
+        "replicas": job.replicas if job.verification == Verification.REDUNDANT else None,
+        "extra_runs": runs.filter(role=TaskRole.REPLICA).count(),
+        "tie_breaks": runs.filter(needs_trusted=True).count(),
+        "runs_passed": verdicts.get(Verdict.PASSED, 0),
+        "runs_failed": verdicts.get(Verdict.FAILED, 0),
+        "runs_unchecked": verdicts.get(Verdict.UNCHECKED, 0),
+        "tasks_settled": runs.filter(role=TaskRole.PRIMARY, settled=True).count(),
+    }
 
 
 def job_summary(*, job: Job) -> dict[str, Any]:
@@ -66,6 +83,7 @@ def job_summary(*, job: Job) -> dict[str, Any]:
         "tasks": job_task_counts(job=job),
         "task_attempts": job_task_attempts(job=job),
         "green_only": job.green_only,
+        "verification": job_verification(job=job),
         "energy": job_energy(job=job),
         "failure_reason": job.failure_reason,
         "created_at": job.created_at,
@@ -75,8 +93,9 @@ def job_summary(*, job: Job) -> dict[str, Any]:
 
 
 def job_results_jsonl(*, job: Job) -> Iterator[str]:
-    """One line per input, in input order: {"index": i, "embedding": [...]}."""
-    tasks = Task.objects.filter(job=job, status=TaskStatus.SUCCEEDED).order_by("index")
+    """One line per input, in input order: {"index": i, "embedding": [...]}. Only settled outputs
+    (checked as the job asked) are ever served."""
+    tasks = Task.objects.filter(job=job, role=TaskRole.PRIMARY, settled=True).order_by("index")
     for task in tasks.only("first_item", "output", "dimension", "item_count").iterator(chunk_size=16):
         assert task.output is not None and task.dimension is not None  # set together on success
         vectors = np.frombuffer(bytes(task.output), dtype="<f4").reshape(task.item_count, task.dimension)

@@ -17,7 +17,8 @@ from typing import Any
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
-from django.db.models import F
+from django.db.models import F, Value
+from django.db.models.functions import Least
 from django.utils import timezone
 
 from hearth_agent import protocol
@@ -25,8 +26,11 @@ from marketplace.accounts.models import User
 from marketplace.catalog.models import CatalogModel
 from marketplace.catalog.selectors import catalog_model_get_by_name
 from marketplace.gateway import notify
-from marketplace.jobs.models import Job, Task
-from marketplace.jobs.states import JOB_ACTIVE, JOB_TRANSITIONS, JobStatus, TaskStatus, sources_of
+from marketplace.hosts.models import Host
+from marketplace.jobs.models import Job, Task, TaskRole, Verification
+from marketplace.jobs.states import JOB_TRANSITIONS, JobStatus, TaskStatus, sources_of
+from marketplace.trust.models import Strike
+from marketplace.trust.verification import canary_judge, group_settle, replicas_build, replicas_plan
 
 logger = logging.getLogger(__name__)
 
@@ -40,14 +44,53 @@ class JobSpec:
     inputs: list[str]
     task_size: int
     green_only: bool = False
+    verification: str = Verification.NONE
+    spot_fraction: float = 0.0
+    replicas: int = 1
 
 
 class JobTooLarge(ValueError):
     """The job exceeds a size limit; the API answers 413."""
 
 
+MAX_REPLICAS = 5
+
+
+def check_verification(
+    *, verification: object, spot_fraction: object, replicas: object
+) -> tuple[str, float, int]:
+    """The job's verification level and its parameter; ValidationError naming the field."""
+    level = Verification.NONE if verification is None else verification
+    if level not in Verification.values:
+        raise ValidationError(
+            {"verification": [f"verification must be one of {', '.join(Verification.values)}, not {level!r}"]}
+        )
+    if level == Verification.SPOT:
+        fraction = settings.HEARTH_DEFAULT_SPOT_FRACTION if spot_fraction is None else spot_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 < fraction <= 1:
+            raise ValidationError({"spot_fraction": ["spot_fraction must be a number above 0 and at most 1"]})
+        return str(level), float(fraction), 1
+    if spot_fraction is not None:
+        raise ValidationError({"spot_fraction": ["spot_fraction applies to verification 'spot' only"]})
+    if level == Verification.REDUNDANT:
+        count = 2 if replicas is None else replicas
+        if isinstance(count, bool) or not isinstance(count, int) or not 2 <= count <= MAX_REPLICAS:
+            raise ValidationError({"replicas": [f"replicas must be an integer from 2 to {MAX_REPLICAS}"]})
+        return str(level), 0.0, count
+    if replicas is not None:
+        raise ValidationError({"replicas": ["replicas applies to verification 'redundant' only"]})
+    return str(level), 0.0, 1
+
+
 def check_job_spec(
-    *, model_name: str, inputs: object, task_size: int | None, green_only: object = False
+    *,
+    model_name: str,
+    inputs: object,
+    task_size: int | None,
+    green_only: object = False,
+    verification: object = None,
+    spot_fraction: object = None,
+    replicas: object = None,
 ) -> JobSpec:
     """Validate a job request; raise ValidationError naming the field, or JobTooLarge."""
     model = catalog_model_get_by_name(name=model_name) if isinstance(model_name, str) else None
@@ -73,7 +116,18 @@ def check_job_spec(
         )
     if not isinstance(green_only, bool):
         raise ValidationError({"green_only": ["green_only must be true or false"]})
-    return JobSpec(model=model, inputs=inputs, task_size=size, green_only=green_only)
+    level, fraction, runs = check_verification(
+        verification=verification, spot_fraction=spot_fraction, replicas=replicas
+    )
+    return JobSpec(
+        model=model,
+        inputs=inputs,
+        task_size=size,
+        green_only=green_only,
+        verification=level,
+        spot_fraction=fraction,
+        replicas=runs,
+    )
 
 
 @transaction.atomic
@@ -85,8 +139,11 @@ def job_submit(*, buyer: User, spec: JobSpec) -> Job:
         task_size=spec.task_size,
         items_total=len(spec.inputs),
         green_only=spec.green_only,
+        verification=spec.verification,
+        spot_fraction=spec.spot_fraction,
+        replicas=spec.replicas,
     )
-    Task.objects.bulk_create(
+    primaries = [
         Task(
             job=job,
             index=task_index,
@@ -95,7 +152,21 @@ def job_submit(*, buyer: User, spec: JobSpec) -> Job:
             item_count=len(spec.inputs[start : start + spec.task_size]),
         )
         for task_index, start in enumerate(range(0, len(spec.inputs), spec.task_size))
+    ]
+    for primary in primaries:
+        primary.group = primary.pk
+    plan = replicas_plan(
+        verification=spec.verification,
+        spot_fraction=spec.spot_fraction,
+        replicas=spec.replicas,
+        tasks=len(primaries),
     )
+    replicas = [
+        r
+        for primary, n in zip(primaries, plan, strict=True)
+        for r in replicas_build(primary=primary, count=n)
+    ]
+    Task.objects.bulk_create([*primaries, *replicas])
     notify.on_commit_poke_dispatchable()
     return job
 
@@ -128,6 +199,11 @@ def _job_finish(*, job_id: uuid.UUID, status: str, reason: str, now: datetime) -
     return True
 
 
+def job_fail(*, job_id: uuid.UUID, reason: str, now: datetime) -> bool:
+    """Fail an active job with the reason. Needs the job row locked."""
+    return _job_finish(job_id=job_id, status=JobStatus.FAILED, reason=reason, now=now)
+
+
 @transaction.atomic
 def job_cancel(*, job: Job) -> Job:
     """Cancel an active job; a finished job is left as it is (idempotent)."""
@@ -147,7 +223,13 @@ def _task_release(*, task: Task, reason: str, now: datetime) -> str:
 
     Needs the task's job row locked. Returns the task's new status, or "" when
     the lease had already moved on (someone else released or finished it).
+    A canary is never requeued: it was that host's test, and it ends there.
     """
+    if task.role == TaskRole.CANARY:
+        ended = Task.objects.filter(pk=task.pk, status=TaskStatus.LEASED, lease_id=task.lease_id).update(
+            status=TaskStatus.FAILED, lease_expires_at=None, last_error=reason
+        )
+        return TaskStatus.FAILED if ended else ""
     if task.attempt >= settings.HEARTH_MAX_ATTEMPTS:
         failed = _job_finish(
             job_id=task.job_id,
@@ -196,10 +278,31 @@ def tasks_requeue_for_host(*, host_id: uuid.UUID, reason: str) -> int:
 
 
 def leases_requeue_expired(*, now: datetime | None = None) -> int:
-    """Requeue tasks whose lease deadline passed without a result."""
+    """Requeue tasks whose lease deadline passed without a result. Each expiry counts against the
+    host; one that held the task while still connected (it heartbeats, it never answers) gets a strike."""
+    from marketplace.trust.services import score_update, strike
+
     now = now or timezone.now()
-    tasks = list(Task.objects.filter(status=TaskStatus.LEASED, lease_expires_at__lt=now))
-    return _release_all(tasks, reason="lease expired", now=now)
+    tasks = list(
+        Task.objects.filter(status=TaskStatus.LEASED, lease_expires_at__lt=now).select_related("leased_to")
+    )
+    released = _release_all(tasks, reason="lease expired", now=now)
+    for task in tasks:
+        host = task.leased_to
+        if host is None:
+            continue
+        Host.objects.filter(pk=host.pk).update(leases_expired=F("leases_expired") + 1)
+        held = (now - task.assigned_at).total_seconds() if task.assigned_at else 0.0
+        if host.status == Host.Status.ONLINE and host.quarantined_at is None:
+            strike(
+                host_id=host.pk,
+                kind=Strike.Kind.NO_ANSWER,
+                task=task,
+                evidence=f"held task {task.pk} for {held:.0f} s while connected and never answered",
+            )
+        else:
+            score_update(host_id=host.pk, reason=f"lease of task {task.pk} expired while offline", now=now)
+    return released
 
 
 def leases_renew(*, host_id: uuid.UUID, lease_ids: list[str], now: datetime) -> int:
@@ -210,8 +313,12 @@ def leases_renew(*, host_id: uuid.UUID, lease_ids: list[str], now: datetime) -> 
             valid.append(uuid.UUID(lease_id))
         except ValueError:
             continue
+    # Renewed only up to the runtime cap after assignment: holding a task forever is not running it.
     return Task.objects.filter(leased_to_id=host_id, status=TaskStatus.LEASED, lease_id__in=valid).update(
-        lease_expires_at=now + timedelta(seconds=settings.HEARTH_LEASE_SECONDS)
+        lease_expires_at=Least(
+            Value(now + timedelta(seconds=settings.HEARTH_LEASE_SECONDS)),
+            F("assigned_at") + timedelta(seconds=settings.HEARTH_TASK_MAX_RUNTIME_S),
+        )
     )
 
 
@@ -268,14 +375,13 @@ def task_result_accept(*, host_id: uuid.UUID, payload: protocol.TaskResultPayloa
     )
     if not stored:
         return ResultOutcome(False, "lease moved on before the result arrived")
-    Job.objects.filter(pk=task.job_id).update(items_done=F("items_done") + task.item_count)
-    finished = False
-    if not Task.objects.filter(job_id=task.job_id).exclude(status=TaskStatus.SUCCEEDED).exists():
-        finished = bool(
-            Job.objects.filter(pk=task.job_id, status__in=JOB_ACTIVE).update(
-                status=JobStatus.SUCCEEDED, finished_at=now
-            )
-        )
+    Host.objects.filter(pk=host_id).update(tasks_completed=F("tasks_completed") + 1)
+    task.refresh_from_db()
+    if task.role == TaskRole.CANARY:
+        canary_judge(task=task)
+        return ResultOutcome(True)
+    assert task.group is not None
+    finished = group_settle(group=task.group, now=now)
     return ResultOutcome(True, job_finished=finished)
 
 
@@ -287,6 +393,7 @@ def task_fail(*, host_id: uuid.UUID, payload: protocol.TaskFailedPayload) -> Res
         return ResultOutcome(False, "not the current leaseholder of this task")
     Job.objects.select_for_update().filter(pk=task.job_id).first()
     reason = f"agent reported: {payload.reason}"
+    Host.objects.filter(pk=host_id).update(tasks_failed=F("tasks_failed") + 1)
     status = _task_release(task=task, reason=reason, now=timezone.now())
     if status == TaskStatus.QUEUED:
         notify.on_commit_poke_dispatchable()

@@ -22,6 +22,9 @@ class HostView:
     policy: EnergyPolicy = field(default_factory=EnergyPolicy)
     power: PowerState | None = None  # None when no fresh power frame
     agent_verdict: Verdict = field(default_factory=lambda: Verdict(True, ""))
+    quarantine_reason: str | None = None  # None: not quarantined
+    hardware_ok: bool | None = None  # None: no benchmark yet
+    hardware_reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,10 @@ def host_takes_work(host: HostView) -> Verdict:
     """Whether the host gets new tasks at all, and the reason when not."""
     if not host.ready:
         return Verdict(False, "agent is not ready")
+    if host.quarantine_reason is not None:
+        return Verdict(False, f"host is quarantined: {host.quarantine_reason}")
+    if host.hardware_ok is False:
+        return Verdict(False, f"hardware claim failed verification: {host.hardware_reason}")
     if host.draining:
         return Verdict(False, "owner is draining the machine")
     if not host.agent_verdict.allowed:

@@ -22,6 +22,10 @@ TEST_SETTINGS = {
     "HEARTH_LEASE_SECONDS": "30",
     # Two agents share two cores here; one torch thread each keeps them from thrashing.
     "HEARTH_WORKER_THREADS": "1",
+    # Trust: two known-answer tasks make a host verified; a task held 20 s without an answer is lost.
+    "HEARTH_CANARIES_TO_VERIFY": "2",
+    "HEARTH_TASK_MAX_RUNTIME_S": "20",
+    "HEARTH_AGENT_BENCH_SECONDS": "0.2",
 }
 
 

@@ -309,7 +309,7 @@ def topup_sync(*, session_id: str) -> None:
     if topup is None:
         logger.warning("Checkout Session %s is not one of our top-ups; ignored", session.id)
         return
-    metadata: Any = session.metadata or {}
+    metadata = session.metadata.to_dict() if session.metadata else {}
     if metadata.get("hearth_topup") != str(topup.key) or session.currency != topup.currency:
         logger.error("Checkout Session %s does not match top-up %s; not credited", session.id, topup.pk)
         return
@@ -412,7 +412,7 @@ def stripe_webhook_receive(*, payload: bytes, signature: str | None) -> StripeEv
         StripeEvent.objects.filter(pk=record.pk).update(deliveries=F("deliveries") + 1)
         if record.processed_at is not None:
             return record
-    stripe_event_process(event_type=event.type, object_id=str(event.data.object.get("id", "")))
+    stripe_event_process(event_type=event.type, object_id=str(getattr(event.data.object, "id", "")))
     StripeEvent.objects.filter(pk=record.pk, processed_at__isnull=True).update(processed_at=timezone.now())
     record.refresh_from_db()
     return record

@@ -36,7 +36,9 @@ def fake_stripe(settings: Any) -> Iterator[FakeStripe]:
 
 def deliver(client: Any, fake: FakeStripe, event: dict[str, Any], secret: str = WEBHOOK_SECRET) -> Any:
     payload, signature = fake.signed(event, secret)
-    return client.post(WEBHOOK_URL, data=payload, content_type="application/json", HTTP_STRIPE_SIGNATURE=signature)
+    return client.post(
+        WEBHOOK_URL, data=payload, content_type="application/json", HTTP_STRIPE_SIGNATURE=signature
+    )
 
 
 def events_of(fake: FakeStripe, event_type: str) -> list[dict[str, Any]]:
@@ -77,7 +79,10 @@ def ledger_snapshot() -> list[tuple[Any, ...]]:
 def assert_ledger_sound() -> None:
     """Each transaction sums to 0, all entries sum to 0, cached balances match, none forbidden below 0."""
     unbalanced = (
-        Entry.objects.values("transaction_id").annotate(total=Sum("amount")).exclude(total=0).values_list("transaction_id", "total")
+        Entry.objects.values("transaction_id")
+        .annotate(total=Sum("amount"))
+        .exclude(total=0)
+        .values_list("transaction_id", "total")
     )
     assert list(unbalanced) == []
     assert (Entry.objects.aggregate(s=Sum("amount"))["s"] or 0) == 0

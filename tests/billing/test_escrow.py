@@ -34,13 +34,21 @@ def credit(user, amount):
     ledger_post(
         kind="topup",
         idempotency_key=f"test-topup-{uuid.uuid4()}",
-        legs=[(account_get(kind=K.STRIPE_CLEARING), -amount), (account_get(kind=K.BUYER_CREDIT, owner=user), amount)],
+        legs=[
+            (account_get(kind=K.STRIPE_CLEARING), -amount),
+            (account_get(kind=K.BUYER_CREDIT, owner=user), amount),
+        ],
     )
 
 
 def capture(job, buyer, host, amount, run=None):
     escrow_capture(
-        run_id=run or uuid.uuid4(), job_id=job, buyer=buyer, host_owner=host.owner, host_id=host.id, amount_minor=amount
+        run_id=run or uuid.uuid4(),
+        job_id=job,
+        buyer=buyer,
+        host_owner=host.owner,
+        host_id=host.id,
+        amount_minor=amount,
     )
 
 
@@ -73,7 +81,14 @@ def test_holding_twice_for_the_same_job_holds_once(buyer):
 
 @pytest.mark.parametrize(
     ("amount", "bps", "fee", "host_share"),
-    [(1000, 1500, 150, 850), (999, 1500, 149, 850), (1, 1500, 0, 1), (7, 1250, 0, 7), (100, 0, 0, 100), (3, 10000, 3, 0)],
+    [
+        (1000, 1500, 150, 850),
+        (999, 1500, 149, 850),
+        (1, 1500, 0, 1),
+        (7, 1250, 0, 7),
+        (100, 0, 0, 100),
+        (3, 10000, 3, 0),
+    ],
 )
 def test_the_fee_is_rounded_down_and_the_remainder_goes_to_the_host(amount, bps, fee, host_share):
     assert fee_split(amount, bps) == (fee, host_share)

@@ -83,4 +83,6 @@ def test_platform_accounts_have_no_owner_and_owned_accounts_need_one(buyer):
         account_get(kind=K.PLATFORM_FEES, owner=buyer)
     with pytest.raises(LedgerError):
         account_get(kind=K.BUYER_CREDIT)
-    assert account_get(kind=K.BUYER_CREDIT, owner=buyer).pk == account_get(kind=K.BUYER_CREDIT, owner=buyer).pk
+    assert (
+        account_get(kind=K.BUYER_CREDIT, owner=buyer).pk == account_get(kind=K.BUYER_CREDIT, owner=buyer).pk
+    )

@@ -88,7 +88,10 @@ def test_a_forged_signature_is_refused_and_credits_nothing(client, fake_stripe, 
     payload, signature = fake_stripe.signed(event, "whsec_test_hearth")
     tampered = payload.replace(b'"amount_total": 5000', b'"amount_total": 9999')
     response = client.post(
-        "/api/v1/billing/stripe/webhook", data=tampered, content_type="application/json", HTTP_STRIPE_SIGNATURE=signature
+        "/api/v1/billing/stripe/webhook",
+        data=tampered,
+        content_type="application/json",
+        HTTP_STRIPE_SIGNATURE=signature,
     )
     assert response.status_code == 400
     unsigned = client.post("/api/v1/billing/stripe/webhook", data=payload, content_type="application/json")

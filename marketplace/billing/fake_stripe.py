@@ -410,6 +410,9 @@ class FakeStripe:
 class _Handler(BaseHTTPRequestHandler):
     stripe: FakeStripe
     protocol_version = "HTTP/1.1"
+    # Headers and body in one segment: two small writes meet the client's delayed ACK (40 ms each).
+    wbufsize = 1 << 16
+    disable_nagle_algorithm = True
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
@@ -480,6 +483,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self.send_header("Idempotent-Replayed", "true")
             self.end_headers()
             self.wfile.write(encoded)
+            self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client timed out and closed the socket
 

@@ -48,6 +48,7 @@ def events_of(fake: FakeStripe, event_type: str) -> list[dict[str, Any]]:
 def paid_topup(client: Any, fake: FakeStripe, user: Any, amount_minor: int) -> Any:
     """A top-up the buyer paid, credited through the signed checkout.session.completed webhook."""
     topup = topup_create(user=user, amount_minor=amount_minor)
+    assert topup.session_id is not None
     fake.pay_session(topup.session_id)
     assert deliver(client, fake, fake.events[-1]).status_code == 200
     topup.refresh_from_db()

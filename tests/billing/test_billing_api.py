@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from django.utils import timezone
@@ -12,6 +13,7 @@ from rest_framework.response import Response
 from rest_framework.test import APIClient, APIRequestFactory
 from rest_framework.views import APIView
 
+from marketplace.accounts.authentication import request_user
 from marketplace.accounts.services import api_key_create
 from marketplace.billing.models import Payout, TopUp
 from marketplace.billing.services import (
@@ -64,7 +66,8 @@ class _SubmitLikeApi(APIView):
     """What job submit does: hold escrow inside the request."""
 
     def post(self, request: Request) -> Response:
-        escrow_hold(job_id=uuid.uuid4(), buyer=request.user, amount_minor=int(request.data["worst_case"]))
+        data: Any = request.data
+        escrow_hold(job_id=uuid.uuid4(), buyer=request_user(request), amount_minor=int(data["worst_case"]))
         return Response({"held": True}, status=201)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from django.utils import timezone
@@ -150,7 +151,7 @@ def test_release_returns_what_the_job_did_not_spend_once(buyer, host):
 def test_earnings_mature_after_the_verification_window_except_for_withheld_owners(buyer, host, other_buyer):
     from tests.factories import HostFactory
 
-    other_host = HostFactory()
+    other_host: Any = HostFactory()
     credit(buyer, 2000)
     job = uuid.uuid4()
     escrow_hold(job_id=job, buyer=buyer, amount_minor=2000)

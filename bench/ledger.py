@@ -147,9 +147,9 @@ def run_plan(
     count_lock = threading.Lock()
     done = threading.Event()
 
-    def counted(kind: str, call: Callable[[], Any]) -> Any:
+    def counted(kind: str, call: Callable[..., Any], *args: Any) -> Any:
         try:
-            return call()
+            return call(*args)
         except Exception as exc:  # the baseline has no answer for some races; count them
             with count_lock:
                 figures.errors[f"{kind}: {type(exc).__name__}"] += 1
@@ -166,16 +166,16 @@ def run_plan(
                 with count_lock:
                     sessions[session] = TOPUP_MINOR
                 for _ in range(2):  # Stripe delivers webhooks at least once
-                    counted("topup", lambda: impl.topup_delivered(buyer, session, TOPUP_MINOR))
+                    counted("topup", impl.topup_delivered, buyer, session, TOPUP_MINOR)
                 job = str(uuid.uuid4())
-                if not counted("hold", lambda: impl.hold(buyer, job, HOLD_MINOR)):
+                if not counted("hold", impl.hold, buyer, job, HOLD_MINOR):
                     continue
                 for number, amount in enumerate(CAPTURE_MINOR):
                     host = hosts[(index + number) % len(hosts)]
                     run = str(uuid.uuid4())
                     for _ in range(2 if number == 0 else 1):  # a verdict reported twice
-                        counted("capture", lambda: impl.capture(buyer, host, job, run, amount))  # noqa: B023
-                counted("release", lambda: impl.release(buyer, job))
+                        counted("capture", impl.capture, buyer, host, job, run, amount)
+                counted("release", impl.release, buyer, job)
         finally:
             connection.close()
 

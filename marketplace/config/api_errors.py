@@ -1,7 +1,8 @@
 """One error shape for the API: `{"field": ["message"]}` or `{"detail": "..."}`.
 
 Services raise Django's ValidationError keyed by field; this turns it into a
-400 so views stay thin.
+400 so views stay thin. Billing's InsufficientCredit becomes 402 naming the
+shortfall, wherever it is raised (e.g. escrow_hold inside job submit).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from django.core.exceptions import ValidationError as DjangoValidationError
 from rest_framework import exceptions
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
+
+from marketplace.billing.errors import InsufficientCredit, StripeUnavailable
 
 
 class PayloadTooLarge(exceptions.APIException):
@@ -36,6 +39,14 @@ def pydantic_errors_by_field(exc: Any) -> dict[str, list[str]]:
 
 
 def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
+    if isinstance(exc, InsufficientCredit):
+        return Response(
+            {"detail": str(exc), "shortfall_minor": exc.shortfall_minor, "currency": exc.currency},
+            status=402,
+        )
+    if isinstance(exc, StripeUnavailable):
+        exc = exceptions.APIException(str(exc))
+        exc.status_code = 503
     if isinstance(exc, DjangoValidationError):
         detail: Any = exc.message_dict if hasattr(exc, "error_dict") else {"detail": exc.messages}
         exc = exceptions.ValidationError(detail)

@@ -10,7 +10,7 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "marketplace.config.settings")
 
 app = Celery("hearth")
 app.config_from_object("django.conf:settings", namespace="CELERY")
-app.autodiscover_tasks(["marketplace.jobs"])
+app.autodiscover_tasks(["marketplace.jobs", "marketplace.billing"])
 
 
 @app.on_after_finalize.connect
@@ -19,3 +19,9 @@ def _schedule(sender: Celery, **kwargs: object) -> None:
 
     interval = settings.HEARTH_SWEEP_INTERVAL_S
     sender.add_periodic_task(interval, sender.signature("marketplace.jobs.tasks.sweep"), name="sweep")
+    # Idempotent: a payout whose Stripe answer timed out is re-sent with its own key next time.
+    sender.add_periodic_task(
+        settings.HEARTH_PAYOUT_INTERVAL_S,
+        sender.signature("marketplace.billing.tasks.payouts_run"),
+        name="payouts",
+    )

@@ -6,6 +6,7 @@ Any secret may also come from a file: `X_FILE=/path` is read when `X` is unset.
 from __future__ import annotations
 
 import os
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import TypeVar
 
@@ -72,3 +73,18 @@ def env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ImproperEnvironment(f"{name} must be one of {', '.join(choices)}, got {value!r}")
     return value
+
+
+def env_percent_bps(name: str, default: str) -> int:
+    """A percentage such as `15` or `12.5`, returned as integer basis points (1500, 1250)."""
+    value = env_str(name, default)
+    try:
+        percent = Decimal(value)
+    except InvalidOperation as exc:
+        raise ImproperEnvironment(f"{name} must be a percentage such as 15 or 12.5, got {value!r}") from exc
+    bps = percent * 100
+    if not percent.is_finite() or bps != bps.to_integral_value() or not 0 <= percent <= 100:
+        raise ImproperEnvironment(
+            f"{name} must be a percentage from 0 to 100 with at most two decimals, got {value!r}"
+        )
+    return int(bps)

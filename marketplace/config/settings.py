@@ -17,6 +17,7 @@ from marketplace.config.env import (
     env_float,
     env_int,
     env_optional,
+    env_percent_bps,
     env_str,
 )
 
@@ -46,6 +47,7 @@ INSTALLED_APPS = [
     "marketplace.trust",
     "marketplace.gateway",
     "marketplace.dashboard",
+    "marketplace.billing",
 ]
 
 MIDDLEWARE = [
@@ -164,6 +166,26 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = HEARTH_MAX_UPLOAD_BYTES + 1024 * 1024
 FILE_UPLOAD_MAX_MEMORY_SIZE = 4 * 1024 * 1024
 
 HEARTH_PUBLIC_URL = env_str("HEARTH_PUBLIC_URL", "http://127.0.0.1:8000")
+
+# Billing: money is integer minor units of one currency. Stripe is reached at
+# HEARTH_STRIPE_API_BASE (the local fake in tests and the demo). With no webhook
+# secret every webhook is refused: an empty HMAC key would accept forgeries.
+HEARTH_CURRENCY = env_str("HEARTH_CURRENCY", "usd").lower()
+HEARTH_STRIPE_API_KEY = env_str("HEARTH_STRIPE_API_KEY", "")
+HEARTH_STRIPE_API_BASE = env_str("HEARTH_STRIPE_API_BASE", "https://api.stripe.com")
+HEARTH_STRIPE_WEBHOOK_SECRET = env_str("HEARTH_STRIPE_WEBHOOK_SECRET", "")
+HEARTH_STRIPE_TIMEOUT_S = env_float("HEARTH_STRIPE_TIMEOUT_S", 30.0, minimum=0.05)
+# Every POST we send carries our own idempotency key, so the client's retries are safe.
+HEARTH_STRIPE_MAX_NETWORK_RETRIES = env_int("HEARTH_STRIPE_MAX_NETWORK_RETRIES", 2, minimum=0)
+# The platform's share of each capture, e.g. "15" or "12.5" percent, kept as basis points.
+HEARTH_PLATFORM_FEE_BPS = env_percent_bps("HEARTH_PLATFORM_FEE_PCT", "15")
+# Host earnings stay pending this long (the verification window) before they can be paid out.
+HEARTH_EARNINGS_HOLD_S = env_int("HEARTH_EARNINGS_HOLD_S", 24 * 3600, minimum=0)
+# A host owner is paid when their available balance reaches this (the whole balance is sent).
+HEARTH_PAYOUT_THRESHOLD_MINOR = env_int("HEARTH_PAYOUT_THRESHOLD_MINOR", 1000, minimum=1)
+HEARTH_PAYOUT_INTERVAL_S = env_float("HEARTH_PAYOUT_INTERVAL_S", 3600.0, minimum=1.0)
+HEARTH_TOPUP_MIN_MINOR = env_int("HEARTH_TOPUP_MIN_MINOR", 500, minimum=1)
+HEARTH_TOPUP_MAX_MINOR = env_int("HEARTH_TOPUP_MAX_MINOR", 1_000_000, minimum=1)
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [

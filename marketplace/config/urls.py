@@ -2,6 +2,17 @@ from django.contrib import admin
 from django.urls import include, path
 
 from marketplace.accounts.apis import ApiKeyListCreateApi, ApiKeyRevokeApi, SignupApi
+from marketplace.billing.apis import (
+    BalanceApi,
+    ConnectOnboardingApi,
+    EarningsByDayApi,
+    PayoutDetailApi,
+    PayoutListApi,
+    StripeWebhookApi,
+    TopUpListCreateApi,
+    UsageByJobApi,
+    UsageByMonthApi,
+)
 from marketplace.catalog.apis import CatalogListApi, ModelFileApi, ModelManifestApi
 from marketplace.hosts import install_views
 from marketplace.hosts.apis import (
@@ -32,6 +43,15 @@ api_v1 = [
     path("hosts/<str:host_id>/reliability", HostReliabilityApi.as_view(), name="host-reliability"),
     path("agents/enroll", AgentEnrollApi.as_view(), name="agent-enroll"),
     path("agents/models/<str:sha256>", ModelManifestApi.as_view(), name="model-manifest"),
+    path("billing/balance", BalanceApi.as_view(), name="billing-balance"),
+    path("billing/topups", TopUpListCreateApi.as_view(), name="billing-topups"),
+    path("billing/stripe/webhook", StripeWebhookApi.as_view(), name="billing-stripe-webhook"),
+    path("billing/connect", ConnectOnboardingApi.as_view(), name="billing-connect"),
+    path("billing/payouts", PayoutListApi.as_view(), name="billing-payouts"),
+    path("billing/payouts/<int:payout_id>", PayoutDetailApi.as_view(), name="billing-payout-detail"),
+    path("billing/statements/jobs", UsageByJobApi.as_view(), name="billing-usage-by-job"),
+    path("billing/statements/months", UsageByMonthApi.as_view(), name="billing-usage-by-month"),
+    path("billing/statements/earnings", EarningsByDayApi.as_view(), name="billing-earnings-by-day"),
 ]
 
 urlpatterns = [

@@ -16,16 +16,21 @@ from marketplace.devstack import LocalStack
 
 pytestmark = pytest.mark.integration
 
+# Trust: two known-answer tasks make a host verified, a short benchmark, and a task held 20 s
+# without an answer is lost.
+FAST_TRUST = {
+    "HEARTH_CANARIES_TO_VERIFY": "2",
+    "HEARTH_TASK_MAX_RUNTIME_S": "20",
+    "HEARTH_AGENT_BENCH_SECONDS": "0.2",
+}
+
 TEST_SETTINGS = {
     "HEARTH_HEARTBEAT_INTERVAL_S": "1",
     "HEARTH_SWEEP_INTERVAL_S": "0.5",
     "HEARTH_LEASE_SECONDS": "30",
     # Two agents share two cores here; one torch thread each keeps them from thrashing.
     "HEARTH_WORKER_THREADS": "1",
-    # Trust: two known-answer tasks make a host verified; a task held 20 s without an answer is lost.
-    "HEARTH_CANARIES_TO_VERIFY": "2",
-    "HEARTH_TASK_MAX_RUNTIME_S": "20",
-    "HEARTH_AGENT_BENCH_SECONDS": "0.2",
+    **FAST_TRUST,
 }
 
 

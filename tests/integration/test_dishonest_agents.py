@@ -15,6 +15,13 @@ from marketplace.devstack import AgentProcess, LocalStack
 
 pytestmark = pytest.mark.integration
 
+
+@pytest.fixture(scope="module")
+def cheats_owner(stack: LocalStack) -> tuple[str, str]:
+    """The owner of the machines these tests start, so they stay out of the shared fleet owner's listings."""
+    return stack.signup(email="cheats-owner@example.com", role="host")
+
+
 SENTENCES = [f"The heat pump in house {i} ran for {i % 7 + 1} hours on solar power today." for i in range(48)]
 
 
@@ -75,16 +82,16 @@ def _min_cosine(got: np.ndarray, expected: np.ndarray) -> float:
 
 
 def test_cheaters_are_caught_by_known_answer_tasks_before_they_see_buyer_work(
-    stack: LocalStack, owner: tuple[str, str], fleet: list[Any]
+    stack: LocalStack, owner: tuple[str, str], cheats_owner: tuple[str, str], fleet: list[Any]
 ) -> None:
     cheats = ["random", "constant", "cheaper", "copy"]
-    agents = [_start(stack, owner, f"cheat-{kind}", {"HEARTH_AGENT_CHEAT": kind}) for kind in cheats]
+    agents = [_start(stack, cheats_owner, f"cheat-{kind}", {"HEARTH_AGENT_CHEAT": kind}) for kind in cheats]
     try:
         for kind in cheats:
-            host = _host(stack, owner, f"cheat-{kind}")
+            host = _host(stack, cheats_owner, f"cheat-{kind}")
             report = _wait(
                 f"the {kind} cheater's quarantine",
-                lambda host=host: _reliability(stack, owner, host["id"]),  # type: ignore[misc]
+                lambda host=host: _reliability(stack, cheats_owner, host["id"]),  # type: ignore[misc]
                 lambda r: r["quarantined"],
                 timeout=180,
             )
@@ -105,18 +112,18 @@ def test_cheaters_are_caught_by_known_answer_tasks_before_they_see_buyer_work(
             agent.stop()
 
 
-def test_a_sleeper_cheater_that_earned_trust_is_outvoted_in_a_redundant_job_and_the_buyer_gets_true_results(
-    stack: LocalStack, owner: tuple[str, str], fleet: list[Any], minilm: Any
+def test_a_sleeper_cheater_that_earned_trust_is_caught_and_the_buyer_of_a_redundant_job_gets_true_results(
+    stack: LocalStack, cheats_owner: tuple[str, str], fleet: list[Any], minilm: Any
 ) -> None:
     # Honest for its first known-answer tasks (so it is verified), random vectors afterwards.
     sleeper = _start(
-        stack, owner, "sleeper", {"HEARTH_AGENT_CHEAT": "random", "HEARTH_AGENT_CHEAT_AFTER": "2"}
+        stack, cheats_owner, "sleeper", {"HEARTH_AGENT_CHEAT": "random", "HEARTH_AGENT_CHEAT_AFTER": "2"}
     )
     try:
-        host = _host(stack, owner, "sleeper")
+        host = _host(stack, cheats_owner, "sleeper")
         _wait(
             "the sleeper's verification",
-            lambda: _reliability(stack, owner, host["id"]),
+            lambda: _reliability(stack, cheats_owner, host["id"]),
             lambda r: r["verified"],
         )
         api_key = stack.buyer()
@@ -125,26 +132,30 @@ def test_a_sleeper_cheater_that_earned_trust_is_outvoted_in_a_redundant_job_and_
         assert job["status"] == "succeeded", job
         got = _results(stack, api_key, job_id)
         assert _min_cosine(got, minilm.encode(SENTENCES, convert_to_numpy=True)) >= 0.999
-        # It ran some of the job, its runs were outvoted (not paid), and each is a strike with evidence.
-        assert job["verification"]["runs_failed"] >= 1, job["verification"]
-        assert job["verification"]["tie_breaks"] >= 1
-        report = _reliability(stack, owner, host["id"])
-        mismatches = [s for s in report["strikes"] if s["kind"] == "mismatch"]
-        assert mismatches and all("cosine" in s["evidence"] for s in mismatches)
-        assert report["counts"]["checks_failed"] >= 1
+        # Caught either way: outvoted in the job (its runs failed, a tie-break decided) or by a
+        # known-answer task mixed into its work; each strike carries the evidence.
+        report = _reliability(stack, cheats_owner, host["id"])
+        assert report["strikes"], "the sleeper lied after verification and was never caught"
+        assert {s["kind"] for s in report["strikes"]} <= {"mismatch", "canary"}
+        assert all("cosine" in s["evidence"] for s in report["strikes"])
+        if job["verification"]["runs_failed"]:
+            assert job["verification"]["tie_breaks"] >= 1
+            assert any(s["kind"] == "mismatch" for s in report["strikes"])
     finally:
         sleeper.stop()
 
 
 def test_a_host_claiming_a_gpu_it_does_not_have_fails_its_hardware_check_and_gets_no_work(
-    stack: LocalStack, owner: tuple[str, str], fleet: list[Any]
+    stack: LocalStack, cheats_owner: tuple[str, str], fleet: list[Any]
 ) -> None:
-    agent = _start(stack, owner, "fake-4090", {"HEARTH_AGENT_CHEAT": "claim-gpu:NVIDIA GeForce RTX 4090"})
+    agent = _start(
+        stack, cheats_owner, "fake-4090", {"HEARTH_AGENT_CHEAT": "claim-gpu:NVIDIA GeForce RTX 4090"}
+    )
     try:
-        host = _host(stack, owner, "fake-4090")
+        host = _host(stack, cheats_owner, "fake-4090")
         report = _wait(
             "the hardware verdict",
-            lambda: _reliability(stack, owner, host["id"]),
+            lambda: _reliability(stack, cheats_owner, host["id"]),
             lambda r: r["hardware_ok"] is False,
         )
         assert "RTX 4090" in report["hardware_reason"] and "GFLOP/s" in report["hardware_reason"]
@@ -156,14 +167,14 @@ def test_a_host_claiming_a_gpu_it_does_not_have_fails_its_hardware_check_and_get
 
 
 def test_a_host_that_accepts_tasks_and_never_answers_loses_them_with_a_strike(
-    stack: LocalStack, owner: tuple[str, str], fleet: list[Any]
+    stack: LocalStack, cheats_owner: tuple[str, str], fleet: list[Any]
 ) -> None:
-    agent = _start(stack, owner, "silent", {"HEARTH_AGENT_CHEAT": "silent"})
+    agent = _start(stack, cheats_owner, "silent", {"HEARTH_AGENT_CHEAT": "silent"})
     try:
-        host = _host(stack, owner, "silent")
+        host = _host(stack, cheats_owner, "silent")
         report = _wait(
             "a no-answer strike",
-            lambda: _reliability(stack, owner, host["id"]),
+            lambda: _reliability(stack, cheats_owner, host["id"]),
             lambda r: any(s["kind"] == "no_answer" for s in r["strikes"]),
             timeout=90,
         )
@@ -175,12 +186,12 @@ def test_a_host_that_accepts_tasks_and_never_answers_loses_them_with_a_strike(
 
 
 def test_honest_agents_that_differ_in_precision_and_threads_agree_with_no_false_positives(
-    stack: LocalStack, owner: tuple[str, str], fleet: list[Any], minilm: Any
+    stack: LocalStack, owner: tuple[str, str], cheats_owner: tuple[str, str], fleet: list[Any], minilm: Any
 ) -> None:
-    bf16 = _start(stack, owner, "honest-bf16", {}, "--worker-dtype", "bfloat16")
-    threads = _start(stack, owner, "honest-2-threads", {"HEARTH_WORKER_THREADS": "2"})
+    bf16 = _start(stack, cheats_owner, "honest-bf16", {}, "--worker-dtype", "bfloat16")
+    threads = _start(stack, cheats_owner, "honest-2-threads", {"HEARTH_WORKER_THREADS": "2"})
     try:
-        stack.wait_hosts_ready(owner=owner, count=4, timeout=180)
+        stack.wait_hosts_ready(owner=cheats_owner, count=2, timeout=180)
         api_key = stack.buyer()
         job_id = _submit(stack, api_key, task_size=3, verification="redundant", replicas=3)
         job = stack.wait_job(api_key=api_key, job_id=job_id, timeout=300)
@@ -191,11 +202,16 @@ def test_honest_agents_that_differ_in_precision_and_threads_agree_with_no_false_
             _min_cosine(_results(stack, api_key, job_id), minilm.encode(SENTENCES, convert_to_numpy=True))
             >= 0.999
         )
-        for name in ("alpha", "beta", "honest-bf16", "honest-2-threads"):
-            report = _reliability(stack, owner, _host(stack, owner, name)["id"])
+        for who, name in [
+            (owner, "alpha"),
+            (owner, "beta"),
+            (cheats_owner, "honest-bf16"),
+            (cheats_owner, "honest-2-threads"),
+        ]:
+            report = _reliability(stack, who, _host(stack, who, name)["id"])
             assert report["strikes"] == [], (name, report["strikes"])
         # The bf16 agent really ran in bf16 and took part.
-        bf16_report = _reliability(stack, owner, _host(stack, owner, "honest-bf16")["id"])
+        bf16_report = _reliability(stack, cheats_owner, _host(stack, cheats_owner, "honest-bf16")["id"])
         assert bf16_report["counts"]["checks_passed"] + bf16_report["counts"]["canaries_passed"] >= 2
     finally:
         bf16.stop()

@@ -11,18 +11,24 @@ import logging
 
 from channels.db import database_sync_to_async
 from django.conf import settings
+from django.utils import timezone
 
 logger = logging.getLogger(__name__)
 
 
 def sweep_once() -> tuple[int, int]:
+    from marketplace.billing.services import earnings_mature
     from marketplace.hosts.power import power_rollup
     from marketplace.hosts.services import hosts_sweep_offline
     from marketplace.jobs.services import leases_requeue_expired
+    from marketplace.trust.selectors import owners_with_withheld_earnings
     from marketplace.trust.services import hosts_request_benchmark
 
     power_rollup()
     hosts_request_benchmark()
+    # Pending host earnings past the verification window become available, except a quarantined
+    # machine's owner's, which wait for review.
+    earnings_mature(now=timezone.now(), withheld_owner_ids=owners_with_withheld_earnings())
     return leases_requeue_expired(), hosts_sweep_offline()
 
 

@@ -13,6 +13,11 @@ from marketplace.trust.scoring import reliability_score
 from marketplace.trust.services import host_facts, host_trusted, uptime
 
 
+def owners_with_withheld_earnings() -> frozenset[int]:
+    """Owners of a quarantined machine: their pending earnings wait for the operator's review."""
+    return frozenset(Host.objects.filter(earnings_withheld=True).values_list("owner_id", flat=True))
+
+
 def host_trust_summary(*, host: Host) -> dict[str, Any]:
     """Badge-level facts for host listings."""
     return {

@@ -358,3 +358,13 @@ def test_a_benchmark_that_does_not_fit_the_claimed_gpu_is_a_strike_and_stops_all
     assert "RTX 4090" in strikes[0].evidence and "41 GFLOP/s" in strikes[0].evidence
     _job(buyer)
     assert _claim(liar) == []
+
+
+def test_a_quarantined_hosts_owner_keeps_pending_earnings_out_of_the_next_sweep(catalog: Any) -> None:
+    from marketplace.trust.selectors import owners_with_withheld_earnings
+    from marketplace.trust.services import quarantine
+
+    honest, quarantined = _host(), _host()
+    assert quarantine(host_id=quarantined.pk, reason="3 strikes")
+    assert owners_with_withheld_earnings() == frozenset({quarantined.owner_id})
+    assert honest.owner_id not in owners_with_withheld_earnings()

@@ -317,7 +317,3 @@ def canary_lease(*, host: Host, model: CatalogModel, size: int, now: datetime) -
     task.group = task.pk
     task.save(force_insert=True)
     return task
-
-
-def canary_bank_size(*, model: CatalogModel) -> int:
-    return CanaryItem.objects.filter(model=model).count()

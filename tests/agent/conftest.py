@@ -5,6 +5,7 @@ a stand-in server that a real `hearth-agent run` process talks to (`agent_run_ag
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import http.server
 import json
@@ -260,6 +261,50 @@ async def _stand_in_server(
         await done.wait()
 
 
+@dataclass
+class StandIn:
+    """A stand-in server coroutine running on its own loop thread, listening on `port`."""
+
+    loop: LoopThread
+    server: concurrent.futures.Future[None]
+    port: int
+    done: asyncio.Event
+
+    def stop(self) -> None:
+        self.loop.loop.call_soon_threadsafe(self.done.set)
+        self.server.result(10)
+        self.loop.close()
+
+
+def stand_in_start(make: Callable[[list[int], asyncio.Event], Coroutine[Any, Any, None]]) -> StandIn:
+    """Start `make(port_box, done)` on a loop thread and wait until it has put its port in the box;
+    it serves until `done` is set (StandIn.stop)."""
+    loop = LoopThread()
+    port_box: list[int] = []
+    done = asyncio.Event()
+    server = asyncio.run_coroutine_threadsafe(make(port_box, done), loop.loop)
+    while not port_box:
+        if server.done():
+            server.result()
+        time.sleep(0.01)
+    return StandIn(loop=loop, server=server, port=port_box[0], done=done)
+
+
+def agent_home_point_at(home: Path, *, port: int, token: str) -> None:
+    """An enrolled agent home whose server is the stand-in on `port`."""
+    config_save(
+        AgentConfig(server_url=f"http://127.0.0.1:{port}", host_id="h1", host_token=token, name="t"),
+        home=home,
+    )
+
+
+def agent_process_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of an agent process under test: this checkout's agent, its own cache."""
+    env = {**os.environ, "PYTHONPATH": str(AGENT_DIR), **(extra or {})}
+    env.pop("HEARTH_AGENT_CACHE", None)
+    return env
+
+
 def agent_run_against(
     script: Script,
     *,
@@ -274,22 +319,11 @@ def agent_run_against(
     `routes` and the agent websocket on one loopback port, `script` driving every connection) until
     the agent exits: end a script with a close the agent does not retry (TOKEN_REVOKED) to stop it."""
     run = AgentRun()
-    loop = LoopThread()
-    port_box: list[int] = []
-    done = asyncio.Event()
-    server = asyncio.run_coroutine_threadsafe(
-        _stand_in_server(run, script, routes, token, port_box, done), loop.loop
+    stand_in = stand_in_start(
+        lambda port_box, done: _stand_in_server(run, script, routes, token, port_box, done)
     )
-    while not port_box:
-        if server.done():
-            server.result()
-        time.sleep(0.01)
-    config_save(
-        AgentConfig(server_url=f"http://127.0.0.1:{port_box[0]}", host_id="h1", host_token=token, name="t"),
-        home=home,
-    )
-    full_env = {**os.environ, "PYTHONPATH": str(AGENT_DIR), **(env or {})}
-    full_env.pop("HEARTH_AGENT_CACHE", None)
+    agent_home_point_at(home, port=stand_in.port, token=token)
+    full_env = agent_process_env(env)
     log_path = home / "agent.log"
     command = [sys.executable, "-X", "faulthandler", "-m", "hearth_agent", "run", "--home", str(home), *args]
     with log_path.open("w") as log_file:
@@ -301,7 +335,5 @@ def agent_run_against(
             agent.send_signal(signal.SIGABRT)
             agent.wait()
     run.log = log_path.read_text()
-    loop.loop.call_soon_threadsafe(done.set)
-    server.result(10)
-    loop.close()
+    stand_in.stop()
     return run

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -21,7 +19,6 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
-from hearth_agent.config import AgentConfig, config_save
 from hearth_agent.protocol import (
     CloseCode,
     Heartbeat,
@@ -37,7 +34,7 @@ from hearth_agent.protocol import (
     parse_frame,
 )
 
-from .conftest import LoopThread, model_routes
+from .conftest import agent_home_point_at, agent_process_env, model_routes, stand_in_start
 
 pytestmark = pytest.mark.integration
 
@@ -140,26 +137,13 @@ def agent_run(
     tmp_path_factory: pytest.TempPathFactory, minilm_source: Path, minilm_sha: str
 ) -> Iterator[Run]:
     run = Run(model_sha=minilm_sha)
-    loop = LoopThread()
-    port_box: list[int] = []
-    done = asyncio.Event()
-    server = asyncio.run_coroutine_threadsafe(
-        _scripted_server(run, model_routes(minilm_source, minilm_sha), port_box, done), loop.loop
-    )
-    while not port_box:
-        if server.done():
-            server.result()
-        time.sleep(0.01)
+    routes = model_routes(minilm_source, minilm_sha)
+    stand_in = stand_in_start(lambda port_box, done: _scripted_server(run, routes, port_box, done))
     home = tmp_path_factory.mktemp("agent-home")
-    config_save(
-        AgentConfig(server_url=f"http://127.0.0.1:{port_box[0]}", host_id="h1", host_token=TOKEN, name="t"),
-        home=home,
-    )
-    env = {**os.environ, "PYTHONPATH": str(AGENT_DIR)}
-    env.pop("HEARTH_AGENT_CACHE", None)
+    agent_home_point_at(home, port=stand_in.port, token=TOKEN)
     completed = subprocess.run(
         [sys.executable, "-m", "hearth_agent", "run", "--home", str(home)],
-        env=env,
+        env=agent_process_env(),
         capture_output=True,
         text=True,
         timeout=180,
@@ -167,9 +151,7 @@ def agent_run(
     )
     run.returncode, run.stdout, run.stderr = completed.returncode, completed.stdout, completed.stderr
     (home / "agent.log").write_text(run.stdout + run.stderr)
-    done.set()
-    server.result(10)
-    loop.close()
+    stand_in.stop()
     yield run
 
 

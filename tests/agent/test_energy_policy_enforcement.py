@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import signal
 import subprocess
@@ -24,7 +23,6 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
-from hearth_agent.config import AgentConfig, config_save
 from hearth_agent.policy import EnergyPolicy
 from hearth_agent.protocol import (
     CloseCode,
@@ -43,7 +41,7 @@ from hearth_agent.protocol import (
     parse_frame,
 )
 
-from .conftest import LoopThread, model_routes
+from .conftest import agent_home_point_at, agent_process_env, model_routes, stand_in_start
 
 pytestmark = pytest.mark.integration
 
@@ -152,27 +150,16 @@ async def _server(seen: Seen, routes: dict[str, bytes], port_box: list[int], don
 @pytest.fixture(scope="module")
 def seen(tmp_path_factory: pytest.TempPathFactory, minilm_source: Path, minilm_sha: str) -> Iterator[Seen]:
     seen = Seen(model_sha=minilm_sha)
-    loop = LoopThread()
-    port_box: list[int] = []
-    done = asyncio.Event()
-    server = asyncio.run_coroutine_threadsafe(
-        _server(seen, model_routes(minilm_source, minilm_sha), port_box, done), loop.loop
-    )
-    while not port_box:
-        if server.done():
-            server.result()
-        time.sleep(0.01)
+    routes = model_routes(minilm_source, minilm_sha)
+    stand_in = stand_in_start(lambda port_box, done: _server(seen, routes, port_box, done))
     home = tmp_path_factory.mktemp("agent-home")
-    config_save(
-        AgentConfig(server_url=f"http://127.0.0.1:{port_box[0]}", host_id="h1", host_token=TOKEN), home=home
+    agent_home_point_at(home, port=stand_in.port, token=TOKEN)
+    env = agent_process_env(
+        {
+            "HEARTH_SITE_SIM": json.dumps(SITE_SIM),
+            "HEARTH_POWER_INTERVAL_S": "5",  # the server's config frame must win over this
+        }
     )
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(AGENT_DIR),
-        "HEARTH_SITE_SIM": json.dumps(SITE_SIM),
-        "HEARTH_POWER_INTERVAL_S": "5",  # the server's config frame must win over this
-    }
-    env.pop("HEARTH_AGENT_CACHE", None)
     log_path = home / "agent.log"
     with log_path.open("w") as log_file:
         agent = subprocess.Popen(
@@ -202,9 +189,7 @@ def seen(tmp_path_factory: pytest.TempPathFactory, minilm_source: Path, minilm_s
     seen.log = log_path.read_text()
     policy_file = home / "energy-policy.json"
     seen.policy = json.loads(policy_file.read_text()) if policy_file.exists() else {}
-    done.set()
-    server.result(10)
-    loop.close()
+    stand_in.stop()
     yield seen
 
 

@@ -108,6 +108,38 @@ class DemoFailure(Exception):
     pass
 
 
+def _money(minor: int) -> str:
+    return f"${minor / 100:,.2f}"
+
+
+def _money_report(stack: LocalStack, *, buyer: tuple[str, str], owner: tuple[str, str], job_id: str) -> None:
+    """Where the buyer's money went, and the machines' owner paid out through Stripe Connect."""
+    with stack.client(auth=buyer) as http:
+        cost = http.get(f"/api/v1/jobs/{job_id}").json()["cost"]
+        balance = http.get("/api/v1/billing/balance").json()
+    print(
+        f"Money: the last job held {_money(cost['held_minor'])} in escrow, was charged {_money(cost['charged_minor'])}"
+        f" and released {_money(cost['released_minor'])}; the buyer's credit is now {_money(balance['buyer_credit_minor'])}."
+    )
+    print("The machines' owner onboards to Stripe Connect Express; earnings are paid out …")
+    stack.payouts_enable(owner=owner)
+    deadline = time.monotonic() + 30
+    with stack.client(auth=owner) as http:
+        while True:
+            payouts = [p for p in http.get("/api/v1/billing/payouts").json() if p["status"] == "paid"]
+            if payouts or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        earned = sum(day["earned_minor"] for day in http.get("/api/v1/billing/statements/earnings").json())
+    if not payouts:
+        raise DemoFailure("no payout reached the owner within 30 s")
+    paid = sum(p["amount_minor"] for p in payouts)
+    print(
+        f"  owner earned {_money(earned)} after the platform fee; paid out {_money(paid)}"
+        f" (Stripe transfer {payouts[0]['transfer_id']})"
+    )
+
+
 def _run_job(stack: LocalStack, api_key: str, sentences: list[str], expected: Any) -> tuple[str, float]:
     """Submit over REST, wait, download and check every result; return (job id, seconds to succeeded)."""
     submitted = time.perf_counter()
@@ -150,6 +182,10 @@ def run(*, once: bool, items: int, port: int) -> int:
             "HEARTH_HEARTBEAT_INTERVAL_S": "2",
             "HEARTH_POWER_INTERVAL_S": "2",
             "HEARTH_WORKER_THREADS": "1",
+            # Money at demo speed: earnings mature at once and are paid out every 2 s from 1 cent.
+            "HEARTH_EARNINGS_HOLD_S": "0",
+            "HEARTH_PAYOUT_INTERVAL_S": "2",
+            "HEARTH_PAYOUT_THRESHOLD_MINOR": "1",
         },
     )
     try:
@@ -179,6 +215,9 @@ def run(*, once: bool, items: int, port: int) -> int:
 
         buyer = stack.signup(email="buyer@demo.hearth", password="demo-buyer-password")
         api_key = stack.api_key(email=buyer[0], password=buyer[1], name="demo")
+        print("The buyer tops up $10.00 through Stripe Checkout (a local fake Stripe; webhook signed) …")
+        credit = stack.top_up(auth=buyer, amount_minor=1000)["buyer_credit_minor"]
+        print(f"  credit: {_money(credit)}")
         print(f"Submitting {items} sentences to POST {stack.url}/api/v1/jobs (agents start cold) …")
         job_id, cold_seconds = _run_job(stack, api_key, sentences, expected)
         print(f"Submitting the same {items} sentences again (model cached and warm on both agents) …")
@@ -204,6 +243,7 @@ def run(*, once: bool, items: int, port: int) -> int:
             f" (weights fetched, verified, loaded), {warm_rate:.0f} items/s warm;"
             f" the bare model in one process: {bare_rate:.0f} items/s."
         )
+        _money_report(stack, buyer=buyer, owner=owner, job_id=job_id)
         print(f"Dashboard: {stack.url}/dashboard/  (log in as buyer@demo.hearth / demo-buyer-password)")
         print(f"API key:   {api_key}")
         print(f"Try:       curl -H 'Authorization: Bearer {api_key}' {stack.url}/api/v1/jobs/{job_id}")

@@ -108,9 +108,14 @@ class LocalStack:
 
     def start(self) -> LocalStack:
         self.port = self.port or free_port()
+        stripe_port = free_port()
         env = {
             "HEARTH_VAR_DIR": str(self.workdir / "var"),
             "HEARTH_PUBLIC_URL": f"http://127.0.0.1:{self.port}",
+            # Payments go to a local fake Stripe, which delivers its webhooks back to the server.
+            "HEARTH_STRIPE_API_BASE": f"http://127.0.0.1:{stripe_port}",
+            "HEARTH_STRIPE_API_KEY": "sk_test_localstack",
+            "HEARTH_STRIPE_WEBHOOK_SECRET": f"whsec_{uuid.uuid4().hex}",
             **self.settings_env,
         }
         base_db = os.environ.get("DATABASE_URL")
@@ -125,6 +130,14 @@ class LocalStack:
         subprocess.run([*manage, "catalog_sync"], env=self._env, check=True, cwd=ROOT, capture_output=True)
         # The wheel and systemd unit that /install.sh hands to new hosts.
         subprocess.run([*manage, "agent_wheel"], env=self._env, check=True, cwd=ROOT, capture_output=True)
+        self._spawn(
+            "fake-stripe",
+            [
+                sys.executable, "-m", "marketplace.billing.fake_stripe", "--port", str(stripe_port),
+                "--webhook-url", f"{self.url}/api/v1/billing/stripe/webhook",
+                "--webhook-secret", env["HEARTH_STRIPE_WEBHOOK_SECRET"],
+            ],
+        )  # fmt: skip
         self._server = self._start_server()
         if os.environ.get("REDIS_URL") and self._env.get("HEARTH_BACKGROUND", "celery") == "celery":
             self._spawn(
@@ -234,10 +247,39 @@ class LocalStack:
             response.raise_for_status()
             return str(response.json()["key"])
 
-    def buyer(self, email: str | None = None) -> str:
-        """Sign up a buyer and return an API key for them."""
+    def buyer(self, email: str | None = None, *, credit_minor: int = 100_000) -> str:
+        """Sign up a buyer, top up `credit_minor` of credit through (fake) Stripe Checkout, and return
+        an API key for them."""
         email, password = self.signup(email=email or f"buyer-{uuid.uuid4().hex[:8]}@example.com")
-        return self.api_key(email=email, password=password)
+        api_key = self.api_key(email=email, password=password)
+        if credit_minor:
+            self.top_up(headers={"Authorization": f"Bearer {api_key}"}, amount_minor=credit_minor)
+        return api_key
+
+    def top_up(self, *, amount_minor: int, timeout: float = 30, **auth: Any) -> dict[str, Any]:
+        """Buy credit as a buyer does: open a Checkout Session, pay on its page, wait for the webhook
+        to credit it. `auth` is what `client()` takes (headers=… or auth=…). Returns the balance."""
+        with self.client(**auth) as http:
+            before = int(http.get("/api/v1/billing/balance").json()["buyer_credit_minor"])
+            response = http.post("/api/v1/billing/topups", json={"amount_minor": amount_minor})
+            response.raise_for_status()
+            httpx.get(response.json()["checkout_url"], timeout=30).raise_for_status()  # the buyer pays
+            deadline = time.monotonic() + timeout
+            while True:
+                balance: dict[str, Any] = http.get("/api/v1/billing/balance").json()
+                if balance["buyer_credit_minor"] >= before + amount_minor:
+                    return balance
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"top-up of {amount_minor} never credited; balance {balance}")
+                time.sleep(0.1)
+
+    def payouts_enable(self, *, owner: tuple[str, str]) -> str:
+        """A host owner onboards to Stripe Connect (the fake's onboarding page finishes at once)."""
+        with self.client(auth=owner) as http:
+            response = http.post("/api/v1/billing/connect")
+            response.raise_for_status()
+            httpx.get(response.json()["onboarding_url"], timeout=30).raise_for_status()
+            return str(response.json().get("account_id", ""))
 
     def enrollment_token(self, *, owner: tuple[str, str]) -> str:
         with self.client(auth=owner) as http:

@@ -17,14 +17,27 @@ def catalog(db: Any) -> Any:
     return catalog_builtin_sync()[0]
 
 
+TEST_CREDIT_MINOR = 1_000_000
+
+
+def funded_buyer(credit_minor: int = TEST_CREDIT_MINOR) -> Any:
+    """A buyer with credit (granted by the platform) to hold jobs' escrow with."""
+    from marketplace.billing.services import credit_grant
+
+    user: Any = UserFactory(role="buyer")
+    if credit_minor:
+        credit_grant(user=user, amount_minor=credit_minor, key=f"tests:{user.pk}", memo="test credit")
+    return user
+
+
 @pytest.fixture
 def buyer(db: Any) -> Any:
-    return UserFactory(role="buyer")
+    return funded_buyer()
 
 
 @pytest.fixture
 def other_buyer(db: Any) -> Any:
-    return UserFactory(role="buyer")
+    return funded_buyer()
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from django.conf import settings
 from django.contrib.auth.password_validation import validate_password
 from django.core.exceptions import ValidationError
 from django.db import transaction
@@ -11,6 +12,7 @@ from django.utils import timezone
 
 from marketplace.accounts.models import ApiKey, User
 from marketplace.accounts.tokens import secret_issue
+from marketplace.billing.services import credit_grant
 
 API_KEY_KIND = "hk"
 
@@ -28,7 +30,15 @@ def user_signup(*, email: str, password: str, role: str) -> User:
     except ValidationError as exc:
         raise ValidationError({"password": exc.messages}) from exc
     candidate.set_password(password)
-    candidate.save()
+    with transaction.atomic():
+        candidate.save()
+        if role == User.Role.BUYER and settings.HEARTH_SIGNUP_CREDIT_MINOR:
+            credit_grant(
+                user=candidate,
+                amount_minor=settings.HEARTH_SIGNUP_CREDIT_MINOR,
+                key=f"signup:{candidate.pk}",
+                memo="sign-up credit",
+            )
     return candidate
 
 

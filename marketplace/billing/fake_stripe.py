@@ -14,11 +14,17 @@ real `stripe` client talks to it unchanged:
 Resources: checkout sessions (create, retrieve, list by payment_intent), payment
 intents and charges (made by paying a session), refunds, accounts, account links,
 transfers. Every change a real Stripe would announce appends an event to
-`fake.events` (not sent anywhere: tests deliver them, in any order, any number of
-times). `fake.hold_transfer_responses(n, seconds)` makes the next n transfer
-creations happen but answer only after `seconds` (the client has timed out by then).
+`fake.events`. Tests deliver them themselves, in any order, any number of times;
+with `webhook_url` set, the fake also delivers each one once, signed, as Stripe
+does (retrying while the endpoint fails). `fake.hold_transfer_responses(n, seconds)`
+makes the next n transfer creations happen but answer only after `seconds` (the
+client has timed out by then).
 
-    python -m marketplace.billing.fake_stripe [--port 12111]   # for the demo
+A session's `url` is the fake's Checkout page: opening it pays the session, then a
+browser is redirected to the session's success_url (an API client gets the JSON).
+Opening an account link's `url` finishes Connect onboarding the same way.
+
+    python -m marketplace.billing.fake_stripe [--port 12111] [--webhook-url URL --webhook-secret S]
 """
 
 from __future__ import annotations
@@ -29,9 +35,13 @@ import hashlib
 import hmac
 import itertools
 import json
+import logging
+import queue
 import secrets
 import threading
 import time
+import urllib.error
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -96,9 +106,17 @@ def _int(params: Obj, name: str) -> int:
     return value
 
 
+logger = logging.getLogger(__name__)
+
+
 class FakeStripe:
-    def __init__(self, *, api_key_prefix: str = "sk_test_") -> None:
+    def __init__(
+        self, *, api_key_prefix: str = "sk_test_", webhook_url: str = "", webhook_secret: str = ""
+    ) -> None:
         self.api_key_prefix = api_key_prefix
+        self.webhook_url = webhook_url
+        self.webhook_secret = webhook_secret
+        self._outbox: queue.Queue[Obj] = queue.Queue()
         self.objects: dict[str, Obj] = {}
         self.events: list[Obj] = []
         self.requests: list[tuple[str, str]] = []
@@ -123,7 +141,29 @@ class FakeStripe:
         self._server.daemon_threads = True
         self.api_base = f"http://127.0.0.1:{self._server.server_address[1]}"
         threading.Thread(target=self._server.serve_forever, name="fake-stripe", daemon=True).start()
+        if self.webhook_url:
+            threading.Thread(target=self._deliver_forever, name="fake-stripe-webhooks", daemon=True).start()
         return self
+
+    def _deliver_forever(self) -> None:
+        """Send each event once, signed; retry a failing endpoint with backoff (as Stripe does, faster)."""
+        while True:
+            event = self._outbox.get()
+            for attempt in range(12):
+                payload, signature = self.signed(event, self.webhook_secret)
+                request = urllib.request.Request(
+                    self.webhook_url,
+                    data=payload,
+                    method="POST",
+                    headers={"Content-Type": "application/json", "Stripe-Signature": signature},
+                )
+                try:
+                    with urllib.request.urlopen(request, timeout=30) as response:
+                        if 200 <= response.status < 300:
+                            break
+                except (urllib.error.URLError, OSError) as exc:
+                    logger.info("webhook %s attempt %d failed: %s", event["id"], attempt + 1, exc)
+                time.sleep(min(0.2 * 2**attempt, 10))
 
     def stop(self) -> None:
         if self._server is not None:
@@ -215,19 +255,20 @@ class FakeStripe:
 
     def _emit(self, event_type: str, obj: Obj) -> None:
         public = {k: v for k, v in copy.deepcopy(obj).items() if not k.startswith("_")}
-        self.events.append(
-            {
-                "id": self._new_id("evt"),
-                "object": "event",
-                "api_version": API_VERSION,
-                "created": int(time.time()),
-                "data": {"object": public},
-                "livemode": False,
-                "pending_webhooks": 1,
-                "request": {"id": None, "idempotency_key": None},
-                "type": event_type,
-            }
-        )
+        event: Obj = {
+            "id": self._new_id("evt"),
+            "object": "event",
+            "api_version": API_VERSION,
+            "created": int(time.time()),
+            "data": {"object": public},
+            "livemode": False,
+            "pending_webhooks": 1,
+            "request": {"id": None, "idempotency_key": None},
+            "type": event_type,
+        }
+        self.events.append(event)
+        if self.webhook_url:
+            self._outbox.put(copy.deepcopy(event))
 
     def _list(self, object_type: str, url: str, **match: str) -> Obj:
         data = [
@@ -378,6 +419,7 @@ class FakeStripe:
             return 200, self._get("account", parts[2])
         if method == "POST" and path == "/v1/account_links":
             account = self._get("account", str(params.get("account", "")))
+            account["_return_url"] = params.get("return_url", "")
             return 200, {
                 "object": "account_link",
                 "created": int(time.time()),
@@ -405,6 +447,16 @@ class FakeStripe:
         if parts[:2] == ["_fake", "onboard"] and len(parts) == 3:
             return 200, self.enable_payouts(parts[2])
         raise StripeFault(404, "invalid_request_error", f"Unrecognized request URL ({method}: {path}).")
+
+
+def _page_return(obj: Obj) -> str:
+    """Where Stripe sends the browser after its hosted page: the session's success_url, or the
+    account link's return_url."""
+    if obj.get("object") == "checkout.session":
+        return str(obj.get("success_url", "")).replace("{CHECKOUT_SESSION_ID}", str(obj["id"]))
+    if obj.get("object") == "account":
+        return str(obj.get("_return_url", ""))
+    return ""
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -457,9 +509,12 @@ class _Handler(BaseHTTPRequestHandler):
                     return
                 self._send(status, stored, replayed=True)
                 return
+            location = ""
             try:
                 status, obj = fake.handle(method, url.path, query, decode_form(body))
                 payload: Obj = {k: v for k, v in obj.items() if not k.startswith("_")}
+                if hook and "text/html" in self.headers.get("Accept", ""):
+                    location = _page_return(obj)
             except StripeFault as fault:
                 status, payload = fault.status, fault.body
             encoded = json.dumps(payload).encode()
@@ -470,7 +525,17 @@ class _Handler(BaseHTTPRequestHandler):
                 held = fake._hold_seconds
         if held:
             time.sleep(held)  # done and recorded; the client gave up waiting meanwhile
+        if location:
+            self._redirect(location)
+            return
         self._send(status, encoded)
+
+    def _redirect(self, location: str) -> None:
+        """A browser on the fake's Checkout or onboarding page goes back to the site, as on Stripe's."""
+        self.send_response(303)
+        self.send_header("Location", location)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
 
     def _send(self, status: int, body: Obj | bytes, *, replayed: bool = False) -> None:
         encoded = body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -493,8 +558,12 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--port", type=int, default=12111)
+    parser.add_argument("--webhook-url", default="", help="deliver every event here, signed")
+    parser.add_argument("--webhook-secret", default="", help="the endpoint's signing secret (whsec_…)")
     args = parser.parse_args()
-    fake = FakeStripe().start(args.port)
+    if args.webhook_url and not args.webhook_secret:
+        parser.error("--webhook-url needs --webhook-secret")
+    fake = FakeStripe(webhook_url=args.webhook_url, webhook_secret=args.webhook_secret).start(args.port)
     print(f"HEARTH_STRIPE_API_BASE={fake.api_base}", flush=True)
     try:
         threading.Event().wait()

@@ -66,6 +66,9 @@ class LedgerTransaction(models.Model):
         PAYOUT_SETTLE = "payout_settle", "Payout transferred"
         PAYOUT_REVERSE = "payout_reverse", "Failed payout returned"
         ADJUSTMENT = "adjustment", "Operator adjustment"
+        GRANT = "grant", "Credit granted by the platform"
+        PLATFORM_RUN = "platform_run", "Run paid by the platform (a check it added)"
+        CLAWBACK = "clawback", "Payment for a run found wrong, reversed"
 
     kind = models.CharField(max_length=16, choices=Kind.choices)
     idempotency_key = models.CharField(max_length=200, unique=True)

@@ -47,6 +47,33 @@ def _sums(entries: QuerySet[Entry], bucket: Any) -> dict[tuple[Any, str], int]:
     return {(r["bucket"], r["transaction__kind"]): int(r["total"]) for r in rows}
 
 
+def job_cost(*, job_id: str, buyer_id: int) -> dict[str, Any]:
+    """What a job cost its buyer, from the ledger: held at submit, charged for accepted runs (less
+    payments reversed for runs found wrong), released unused, still held."""
+    rows = (
+        Entry.objects.filter(
+            transaction__job_id=str(job_id),
+            account__owner_id=buyer_id,
+            account__kind__in=[K.BUYER_ESCROW, K.BUYER_CREDIT],
+        )
+        .values("account__kind", "transaction__kind")
+        .annotate(total=Sum("amount"))
+    )
+    sums = {(r["account__kind"], r["transaction__kind"]): int(r["total"]) for r in rows}
+    captured = -sums.get((K.BUYER_ESCROW, T.CAPTURE), 0)
+    reversed_ = sums.get((K.BUYER_CREDIT, T.CLAWBACK), 0)
+    held = sums.get((K.BUYER_ESCROW, T.HOLD), 0)
+    released = -sums.get((K.BUYER_ESCROW, T.RELEASE), 0)
+    return {
+        "currency": settings.HEARTH_CURRENCY,
+        "held_minor": held,
+        "charged_minor": captured - reversed_,
+        "reversed_minor": reversed_,
+        "released_minor": released,
+        "in_escrow_minor": held - captured - released,
+    }
+
+
 def usage_by_job(*, buyer: User) -> list[dict[str, Any]]:
     """Per job: escrow held, spent on verified runs, released unused (newest job first)."""
     escrow = Entry.objects.filter(
@@ -80,7 +107,8 @@ def usage_by_job(*, buyer: User) -> list[dict[str, Any]]:
 
 
 def usage_by_month(*, buyer: User) -> list[dict[str, Any]]:
-    """Per calendar month (UTC): credit bought, refunded, spent on verified runs."""
+    """Per calendar month (UTC): credit bought, granted, refunded, spent on accepted runs (less
+    payments reversed for runs found wrong)."""
     credit = _sums(
         Entry.objects.filter(
             account__owner=buyer, account__kind=K.BUYER_CREDIT, account__currency=settings.HEARTH_CURRENCY
@@ -98,8 +126,9 @@ def usage_by_month(*, buyer: User) -> list[dict[str, Any]]:
         {
             "month": month.strftime("%Y-%m"),
             "topped_up_minor": credit.get((month, T.TOPUP), 0),
+            "granted_minor": credit.get((month, T.GRANT), 0),
             "refunded_minor": -credit.get((month, T.REFUND), 0),
-            "spent_minor": -escrow.get((month, T.CAPTURE), 0),
+            "spent_minor": -escrow.get((month, T.CAPTURE), 0) - credit.get((month, T.CLAWBACK), 0),
             "currency": settings.HEARTH_CURRENCY,
         }
         for month in months
@@ -124,7 +153,8 @@ def earnings_by_day(*, owner: User) -> list[dict[str, Any]]:
     return [
         {
             "day": day.isoformat(),
-            "earned_minor": pending.get((day, T.CAPTURE), 0),
+            "earned_minor": pending.get((day, T.CAPTURE), 0) + pending.get((day, T.PLATFORM_RUN), 0),
+            "clawed_back_minor": -pending.get((day, T.CLAWBACK), 0),
             "matured_minor": available.get((day, T.MATURE), 0),
             "paid_out_minor": -(
                 available.get((day, T.PAYOUT_START), 0) + available.get((day, T.PAYOUT_REVERSE), 0)

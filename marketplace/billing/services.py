@@ -10,6 +10,9 @@ Calls the other apps make:
   job submit        escrow_hold(job_id=…, buyer=…, amount_minor=worst case)  → InsufficientCredit (402)
   task verified     escrow_capture(run_id=…, job_id=…, buyer=…, host_owner=…, host_id=…, amount_minor=…)
   job finished/cancelled  escrow_release(job_id=…, buyer=…)
+  a check the platform added  platform_run_pay(run_id=…, job_id=…, host_owner=…, host_id=…, amount_minor=…)
+  a paid run found wrong      run_payment_reverse(run_id=…, buyer=…)
+  signup / operator           credit_grant(user=…, amount_minor=…, key=…, memo=…)
   periodic          earnings_mature(now=…, withheld_owner_ids=quarantined owners); payouts_run(now=…)
 """
 
@@ -51,12 +54,15 @@ __all__ = [
     "EscrowExhausted",
     "InsufficientCredit",
     "credit_balance",
+    "credit_grant",
     "earnings_mature",
     "escrow_capture",
     "escrow_hold",
     "escrow_release",
     "fee_split",
     "payouts_run",
+    "platform_run_pay",
+    "run_payment_reverse",
 ]
 
 
@@ -163,6 +169,93 @@ def escrow_capture(
         run_id=run,
         host_id=str(host_id),
         memo=f"run {run} of job {job}",
+    )
+
+
+@transaction.atomic
+def platform_run_pay(
+    *,
+    run_id: str | uuid.UUID,
+    job_id: str | uuid.UUID,
+    host_owner: User,
+    host_id: str | uuid.UUID,
+    amount_minor: int,
+) -> None:
+    """Pay a verified run the buyer does not pay for (a check the platform added, or one that
+    finished after the job's escrow was released): the host's share of `amount_minor`, from the
+    platform's fees. Idempotent per `run_id`; a zero share does nothing."""
+    _, host_share = fee_split(amount_minor, settings.HEARTH_PLATFORM_FEE_BPS)
+    if host_share == 0:
+        return
+    _positive_amount(host_share)
+    job, run = str(job_id), str(run_id)
+    ledger_post(
+        kind=T.PLATFORM_RUN,
+        idempotency_key=f"platform-run:{run}",
+        legs=[
+            (account_get(kind=K.PLATFORM_FEES), -host_share),
+            (account_get(kind=K.HOST_PENDING, owner=host_owner), host_share),
+        ],
+        job_id=job,
+        run_id=run,
+        host_id=str(host_id),
+        memo=f"run {run} of job {job}, a check paid by the platform",
+    )
+
+
+@transaction.atomic
+def run_payment_reverse(*, run_id: str | uuid.UUID, buyer: User, reason: str = "") -> int:
+    """Undo what a run was paid once it is found wrong: the buyer gets back (to credit) what it paid,
+    the platform its fee and anything it paid, taken from the host's pending earnings. What the host
+    no longer has pending (matured or paid out) the platform absorbs. Idempotent per run; returns
+    the minor units taken back from the host."""
+    run = str(run_id)
+    paid = (
+        LedgerTransaction.objects.filter(idempotency_key__in=[f"capture:{run}", f"platform-run:{run}"])
+        .prefetch_related("entries__account")
+        .first()
+    )
+    if paid is None:
+        return 0
+    key = f"clawback:{run}"
+    pending_entry = next(e for e in paid.entries.all() if e.account.kind == K.HOST_PENDING)
+    pending = pending_entry.account
+    fees = account_get(kind=K.PLATFORM_FEES, currency=pending.currency)
+    credit = account_get(kind=K.BUYER_CREDIT, owner=buyer, currency=pending.currency)
+    locked = accounts_lock([pending, fees, credit])
+    if LedgerTransaction.objects.filter(idempotency_key=key).exists():
+        return 0
+    taken = min(pending_entry.amount, locked[pending.pk].balance)
+    buyer_paid = -sum(e.amount for e in paid.entries.all() if e.account.kind == K.BUYER_ESCROW)
+    legs = [(pending, -taken), (credit, buyer_paid), (fees, taken - buyer_paid)]
+    if not any(amount for _, amount in legs):
+        return 0
+    ledger_post(
+        kind=T.CLAWBACK,
+        idempotency_key=key,
+        legs=legs,
+        related=paid,
+        job_id=paid.job_id,
+        run_id=run,
+        host_id=paid.host_id,
+        memo=(f"run {run} found wrong" + (f": {reason}" if reason else ""))[:300],
+    )
+    return taken
+
+
+@transaction.atomic
+def credit_grant(*, user: User, amount_minor: int, key: str, memo: str) -> None:
+    """Give `user` credit paid by the platform (sign-up credit, an operator's goodwill).
+    Idempotent per `key`."""
+    _positive_amount(amount_minor)
+    ledger_post(
+        kind=T.GRANT,
+        idempotency_key=f"grant:{key}",
+        legs=[
+            (account_get(kind=K.PLATFORM_FEES), -amount_minor),
+            (account_get(kind=K.BUYER_CREDIT, owner=user), amount_minor),
+        ],
+        memo=memo,
     )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from channels.db import database_sync_to_async
 from django.conf import settings
@@ -32,9 +33,23 @@ def sweep_once() -> tuple[int, int]:
     return leases_requeue_expired(), hosts_sweep_offline()
 
 
+def payouts_once() -> int:
+    from marketplace.billing.services import payouts_run
+
+    return payouts_run(now=timezone.now())
+
+
 async def run_forever() -> None:
+    payouts_due = time.monotonic() + settings.HEARTH_PAYOUT_INTERVAL_S
     while True:
         await asyncio.sleep(settings.HEARTH_SWEEP_INTERVAL_S)
+        if time.monotonic() >= payouts_due:
+            payouts_due = time.monotonic() + settings.HEARTH_PAYOUT_INTERVAL_S
+            try:
+                # Idempotent: a payout whose Stripe answer timed out is re-sent with its own key.
+                await database_sync_to_async(payouts_once)()
+            except Exception:
+                logger.exception("payouts failed; retrying next interval")
         try:
             expired, offline = await database_sync_to_async(sweep_once)()
             if expired or offline:

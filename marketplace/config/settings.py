@@ -184,6 +184,11 @@ HEARTH_EARNINGS_HOLD_S = env_int("HEARTH_EARNINGS_HOLD_S", 24 * 3600, minimum=0)
 # A host owner is paid when their available balance reaches this (the whole balance is sent).
 HEARTH_PAYOUT_THRESHOLD_MINOR = env_int("HEARTH_PAYOUT_THRESHOLD_MINOR", 1000, minimum=1)
 HEARTH_PAYOUT_INTERVAL_S = env_float("HEARTH_PAYOUT_INTERVAL_S", 3600.0, minimum=1.0)
+# A job's max price per 1,000 items per run when the buyer names none, and the most one may name.
+HEARTH_DEFAULT_MAX_PRICE_PER_1K_MINOR = env_int("HEARTH_DEFAULT_MAX_PRICE_PER_1K_MINOR", 100, minimum=0)
+HEARTH_MAX_PRICE_PER_1K_LIMIT_MINOR = env_int("HEARTH_MAX_PRICE_PER_1K_LIMIT_MINOR", 100_000, minimum=1)
+# Credit each new buyer gets from the platform at sign-up (0: none; tests and trials set it).
+HEARTH_SIGNUP_CREDIT_MINOR = env_int("HEARTH_SIGNUP_CREDIT_MINOR", 0, minimum=0)
 HEARTH_TOPUP_MIN_MINOR = env_int("HEARTH_TOPUP_MIN_MINOR", 500, minimum=1)
 HEARTH_TOPUP_MAX_MINOR = env_int("HEARTH_TOPUP_MAX_MINOR", 1_000_000, minimum=1)
 

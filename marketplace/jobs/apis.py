@@ -98,6 +98,7 @@ class JobListCreateApi(APIView):
                 verification=data.get("verification"),
                 spot_fraction=_number(data.get("spot_fraction"), "spot_fraction"),
                 replicas=_number(data.get("replicas"), "replicas"),
+                max_price_per_1k_minor=_number(data.get("max_price_per_1k_minor"), "max_price_per_1k_minor"),
             )
         except JobTooLarge as exc:
             raise PayloadTooLarge(str(exc)) from exc

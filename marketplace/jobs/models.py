@@ -46,6 +46,12 @@ class Job(models.Model):
     verification = models.CharField(max_length=10, choices=Verification.choices, default=Verification.NONE)
     spot_fraction = models.FloatField(default=0.0, help_text="share of tasks re-run elsewhere (spot)")
     replicas = models.PositiveSmallIntegerField(default=1, help_text="runs per task (redundant: k)")
+    max_price_per_1k_minor = models.PositiveIntegerField(
+        default=0, help_text="the most the buyer pays per 1,000 items per run, minor units"
+    )
+    escrow_minor = models.PositiveBigIntegerField(
+        default=0, help_text="held from the buyer's credit at submit: the worst case of the runs it pays"
+    )
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
@@ -94,6 +100,20 @@ class Task(models.Model):
     verdict_reason = models.TextField(blank=True, default="")
     settled = models.BooleanField(default=False, help_text="primary: the output is final for the buyer")
     expected = models.BinaryField(null=True, blank=True, help_text="canary: the known answer")
+
+    # Money: who pays for a run, at what price, and what it was paid.
+    billable = models.BooleanField(
+        default=False, help_text="the buyer pays for this run (the runs planned at submit)"
+    )
+    price_per_1k_minor = models.PositiveIntegerField(
+        null=True, blank=True, help_text="the host's price when it leased the run"
+    )
+    paid_minor = models.PositiveBigIntegerField(
+        null=True, blank=True, help_text="what the run's host was paid for it (empty: unpaid)"
+    )
+    paid_by_buyer = models.BooleanField(
+        default=False, help_text="paid from the job's escrow, not the platform"
+    )
 
     class Meta:
         ordering = ["job", "index"]

@@ -11,6 +11,7 @@ import numpy as np
 from django.db.models import Count, QuerySet, Sum
 
 from marketplace.accounts.models import User
+from marketplace.billing.selectors import job_cost
 from marketplace.jobs.models import Job, Task, TaskRole, Verdict, Verification
 from marketplace.jobs.states import TaskStatus
 
@@ -85,6 +86,8 @@ def job_summary(*, job: Job) -> dict[str, Any]:
         "green_only": job.green_only,
         "verification": job_verification(job=job),
         "energy": job_energy(job=job),
+        "max_price_per_1k_minor": job.max_price_per_1k_minor,
+        "cost": job_cost(job_id=str(job.pk), buyer_id=job.buyer_id),
         "failure_reason": job.failure_reason,
         "created_at": job.created_at,
         "started_at": job.started_at,

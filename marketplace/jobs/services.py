@@ -23,10 +23,12 @@ from django.utils import timezone
 
 from hearth_agent import protocol
 from marketplace.accounts.models import User
+from marketplace.billing.services import escrow_hold
 from marketplace.catalog.models import CatalogModel
 from marketplace.catalog.selectors import catalog_model_get_by_name
 from marketplace.gateway import notify
 from marketplace.hosts.models import Host
+from marketplace.jobs.metering import escrow_worst_case, job_escrow_release
 from marketplace.jobs.models import Job, Task, TaskRole, Verification
 from marketplace.jobs.states import JOB_TRANSITIONS, JobStatus, TaskStatus, sources_of
 from marketplace.trust.models import Strike
@@ -47,6 +49,7 @@ class JobSpec:
     verification: str = Verification.NONE
     spot_fraction: float = 0.0
     replicas: int = 1
+    max_price_per_1k_minor: int = 0
 
 
 class JobTooLarge(ValueError):
@@ -91,6 +94,7 @@ def check_job_spec(
     verification: object = None,
     spot_fraction: object = None,
     replicas: object = None,
+    max_price_per_1k_minor: object = None,
 ) -> JobSpec:
     """Validate a job request; raise ValidationError naming the field, or JobTooLarge."""
     model = catalog_model_get_by_name(name=model_name) if isinstance(model_name, str) else None
@@ -119,6 +123,7 @@ def check_job_spec(
     level, fraction, runs = check_verification(
         verification=verification, spot_fraction=spot_fraction, replicas=replicas
     )
+    price = check_max_price(max_price_per_1k_minor)
     return JobSpec(
         model=model,
         inputs=inputs,
@@ -127,13 +132,31 @@ def check_job_spec(
         verification=level,
         spot_fraction=fraction,
         replicas=runs,
+        max_price_per_1k_minor=price,
     )
+
+
+def check_max_price(raw: object) -> int:
+    """The job's max price per 1,000 items per run (minor units); ValidationError naming the field."""
+    if raw is None:
+        return int(settings.HEARTH_DEFAULT_MAX_PRICE_PER_1K_MINOR)
+    limit = settings.HEARTH_MAX_PRICE_PER_1K_LIMIT_MINOR
+    if isinstance(raw, bool) or not isinstance(raw, int) or not 0 <= raw <= limit:
+        raise ValidationError(
+            {
+                "max_price_per_1k_minor": [
+                    f"max_price_per_1k_minor must be an integer of minor units from 0 to {limit}"
+                ]
+            }
+        )
+    return raw
 
 
 @transaction.atomic
 def job_submit(*, buyer: User, spec: JobSpec) -> Job:
-    """Create the job and its tasks in one transaction, then wake the agents."""
-    job = Job.objects.create(
+    """Create the job and its tasks and hold its worst case in escrow, in one transaction; then wake
+    the agents. Raises InsufficientCredit (nothing stored) when the buyer's credit does not cover it."""
+    job = Job(
         buyer=buyer,
         model=spec.model,
         task_size=spec.task_size,
@@ -142,6 +165,7 @@ def job_submit(*, buyer: User, spec: JobSpec) -> Job:
         verification=spec.verification,
         spot_fraction=spec.spot_fraction,
         replicas=spec.replicas,
+        max_price_per_1k_minor=spec.max_price_per_1k_minor,
     )
     primaries = [
         Task(
@@ -150,6 +174,7 @@ def job_submit(*, buyer: User, spec: JobSpec) -> Job:
             first_item=start,
             inputs=spec.inputs[start : start + spec.task_size],
             item_count=len(spec.inputs[start : start + spec.task_size]),
+            billable=True,
         )
         for task_index, start in enumerate(range(0, len(spec.inputs), spec.task_size))
     ]
@@ -166,7 +191,16 @@ def job_submit(*, buyer: User, spec: JobSpec) -> Job:
         for primary, n in zip(primaries, plan, strict=True)
         for r in replicas_build(primary=primary, count=n)
     ]
-    Task.objects.bulk_create([*primaries, *replicas])
+    for replica in replicas:
+        replica.billable = True  # the buyer asked for these checks
+    planned = [*primaries, *replicas]
+    job.escrow_minor = escrow_worst_case(
+        item_counts=(run.item_count for run in planned), max_price_per_1k_minor=spec.max_price_per_1k_minor
+    )
+    job.save(force_insert=True)
+    Task.objects.bulk_create(planned)
+    if job.escrow_minor:
+        escrow_hold(job_id=job.pk, buyer=buyer, amount_minor=job.escrow_minor)
     notify.on_commit_poke_dispatchable()
     return job
 
@@ -181,6 +215,7 @@ def _job_finish(*, job_id: uuid.UUID, status: str, reason: str, now: datetime) -
     )
     if not moved:
         return False
+    job_escrow_release(job_id=job_id)
     task_status = TaskStatus.CANCELLED if status == JobStatus.CANCELLED else TaskStatus.FAILED
     leased = list(
         Task.objects.filter(job_id=job_id, status=TaskStatus.LEASED)

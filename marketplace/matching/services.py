@@ -98,9 +98,11 @@ def tasks_claim_for_host(
             # Known-answer tasks only, one at a time, until the host has shown it computes honestly.
             canary = _canary_for_unverified(host, now=now)
             return [_assignment(canary)] if canary is not None else []
+        price = view.policy.price_per_1k_items_minor
         candidates = Task.objects.filter(
             status=TaskStatus.QUEUED,
             job__status__in=JOB_ACTIVE,
+            job__max_price_per_1k_minor__gte=price,
             job__model__is_active=True,
             job__model__min_memory_mb__lte=host.memory_mb,
         ).exclude(role=TaskRole.CANARY)
@@ -142,6 +144,7 @@ def tasks_claim_for_host(
                 lease_expires_at=expires,
                 assigned_at=now,
                 attempt=task.attempt + 1,
+                price_per_1k_minor=price,
             )
             if moved:
                 task.lease_id, task.lease_expires_at = lease_id, expires

@@ -21,6 +21,7 @@ from marketplace.accounts.models import User
 from marketplace.catalog.models import CatalogModel
 from marketplace.gateway import notify
 from marketplace.hosts.models import Host
+from marketplace.jobs.metering import run_pay, run_unpay
 from marketplace.jobs.models import Job, Task, TaskRole, Verdict
 from marketplace.jobs.states import JobStatus, TaskStatus
 from marketplace.trust.hardware import hardware_plausible
@@ -205,6 +206,7 @@ def run_judged(*, task: Task, passed: bool, reason: str, strike_kind: str = Stri
         ("canaries_passed", "canaries_failed") if canary else ("checks_passed", "checks_failed")
     )
     if passed:
+        run_pay(task_id=task.pk)
         Host.objects.filter(pk=host_id).update(
             **{passed_field: F(passed_field) + 1}, pass_streak=F("pass_streak") + 1
         )
@@ -213,6 +215,7 @@ def run_judged(*, task: Task, passed: bool, reason: str, strike_kind: str = Stri
         _verify_if_ready(host_id=host_id, now=timezone.now())
     else:
         Host.objects.filter(pk=host_id).update(**{failed_field: F(failed_field) + 1})
+        run_unpay(task_id=task.pk, reason=reason)  # a run accepted unchecked, then found wrong
         kind = Strike.Kind.CANARY if canary else strike_kind
         strike(host_id=host_id, kind=kind, task=task, evidence=f"task {task.pk}: {reason}")
 

@@ -20,6 +20,7 @@ from datetime import datetime
 from django.conf import settings
 from django.db.models import F
 
+from marketplace.jobs.metering import job_escrow_release, run_pay
 from marketplace.jobs.models import Job, Task, TaskRole, Verdict, Verification
 from marketplace.jobs.states import JOB_ACTIVE, JobStatus, TaskStatus
 from marketplace.trust.compare import embeddings_agree
@@ -86,11 +87,12 @@ def _settle(*, primary: Task, output: bytes, now: datetime) -> bool:
     )
     if Task.objects.filter(job_id=primary.job_id, role=TaskRole.PRIMARY, settled=False).exists():
         return False
-    return bool(
-        Job.objects.filter(pk=primary.job_id, status__in=JOB_ACTIVE).update(
-            status=JobStatus.SUCCEEDED, finished_at=now
-        )
+    finished = Job.objects.filter(pk=primary.job_id, status__in=JOB_ACTIVE).update(
+        status=JobStatus.SUCCEEDED, finished_at=now
     )
+    if finished:
+        job_escrow_release(job_id=primary.job_id)
+    return bool(finished)
 
 
 def _largest_agreeing(runs: list[Task]) -> list[Task]:
@@ -131,6 +133,7 @@ def group_settle(*, group: uuid.UUID, now: datetime) -> bool:
         return False
     if len(runs) == 1:
         Task.objects.filter(pk=primary.pk, verdict=Verdict.NONE).update(verdict=Verdict.UNCHECKED)
+        run_pay(task_id=primary.pk)
         assert primary.output is not None
         return _settle(primary=primary, output=bytes(primary.output), now=now)
     quorum = _largest_agreeing(done)

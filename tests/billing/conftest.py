@@ -19,6 +19,21 @@ WEBHOOK_URL = "/api/v1/billing/stripe/webhook"
 
 
 @pytest.fixture
+def buyer(db: Any) -> Any:
+    """Billing tests start buyers from nothing: every minor unit they have, they topped up here."""
+    from tests.conftest import funded_buyer
+
+    return funded_buyer(credit_minor=0)
+
+
+@pytest.fixture
+def other_buyer(db: Any) -> Any:
+    from tests.conftest import funded_buyer
+
+    return funded_buyer(credit_minor=0)
+
+
+@pytest.fixture
 def fake_stripe(settings: Any) -> Iterator[FakeStripe]:
     """A fresh fake Stripe on a loopback port; settings point the client and webhooks at it."""
     fake = FakeStripe().start()

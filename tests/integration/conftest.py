@@ -30,6 +30,10 @@ TEST_SETTINGS = {
     "HEARTH_LEASE_SECONDS": "30",
     # Two agents share two cores here; one torch thread each keeps them from thrashing.
     "HEARTH_WORKER_THREADS": "1",
+    # Money: earnings mature at once and any available balance is paid out within a second.
+    "HEARTH_EARNINGS_HOLD_S": "0",
+    "HEARTH_PAYOUT_INTERVAL_S": "1",
+    "HEARTH_PAYOUT_THRESHOLD_MINOR": "1",
     **FAST_TRUST,
 }
 

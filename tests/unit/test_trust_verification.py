@@ -3,7 +3,6 @@ canaries, strikes, quarantine and the score — with vectors made to order, no a
 
 from __future__ import annotations
 
-import uuid
 from datetime import timedelta
 from typing import Any
 
@@ -15,106 +14,27 @@ from django.utils import timezone
 
 from hearth_agent import protocol
 from marketplace.hosts.models import Host
-from marketplace.jobs.models import Job, Task
-from marketplace.jobs.selectors import job_results_jsonl, job_summary
+from marketplace.jobs.models import Task
+from marketplace.jobs.selectors import job_summary
 from marketplace.jobs.services import (
-    check_job_spec,
-    job_submit,
     leases_renew,
     leases_requeue_expired,
     task_result_accept,
 )
-from marketplace.matching.services import Assignment, tasks_claim_for_host
 from marketplace.trust.models import CanaryItem, ReliabilityEvent, Strike
-from tests.factories import HostFactory
+from tests import fake_runs as fr
+from tests.fake_runs import cheat_random, honest
 
 pytestmark = pytest.mark.django_db
-DIM = 384
-_TRUTH: dict[str, np.ndarray] = {}
-
-
-def _truth(text: str) -> np.ndarray:
-    """The "real model": a fixed unit vector per input."""
-    if text not in _TRUTH:
-        vector = np.random.default_rng(abs(hash(text)) % 2**32).normal(size=DIM)
-        _TRUTH[text] = (vector / np.linalg.norm(vector)).astype("<f4")
-    return _TRUTH[text]
-
-
-def honest(inputs: list[str], *, noise: float = 1e-3) -> np.ndarray:
-    """What a different but honest machine returns: the truth plus bf16-sized rounding noise."""
-    rng = np.random.default_rng()
-    return np.stack([_truth(t) + rng.normal(scale=noise / np.sqrt(DIM), size=DIM) for t in inputs]).astype(
-        "<f4"
-    )
-
-
-def cheat_random(inputs: list[str]) -> np.ndarray:
-    return np.random.default_rng().normal(size=(len(inputs), DIM)).astype("<f4")
-
-
-def _payload(assignment: Assignment, vectors: np.ndarray) -> protocol.TaskResultPayload:
-    b64, digest = protocol.encode_embeddings(vectors.astype("<f4").tobytes())
-    return protocol.TaskResultPayload(
-        task_id=str(assignment.task_id),
-        lease_id=str(assignment.lease_id),
-        dimension=DIM,
-        count=len(vectors),
-        embeddings_b64=b64,
-        output_sha256=digest,
-        compute_ms=1.0,
-        device="cpu",
-    )
-
-
-def _host(**fields: Any) -> Host:
-    return HostFactory.create(**fields)
-
-
-def _claim(host: Host) -> list[Assignment]:
-    return tasks_claim_for_host(host_id=host.pk, channel_name=host.channel_name)
-
-
-def _run(host: Host, answer: Any = honest) -> int:
-    """The host claims what it can and answers every task; returns how many it ran."""
-    assignments = _claim(host)
-    for assignment in assignments:
-        assert task_result_accept(
-            host_id=host.pk, payload=_payload(assignment, answer(assignment.inputs))
-        ).accepted
-    return len(assignments)
-
-
-def _job(buyer: Any, n: int = 4, task_size: int = 2, **verification: Any) -> Job:
-    spec = check_job_spec(
-        model_name="all-MiniLM-L6-v2",
-        inputs=[f"sentence {uuid.uuid4().hex[:6]} {i}" for i in range(n)],
-        task_size=task_size,
-        **verification,
-    )
-    return job_submit(buyer=buyer, spec=spec)
-
-
-def _served(job: Job) -> np.ndarray:
-    import json
-
-    return np.array([json.loads(line)["embedding"] for line in job_results_jsonl(job=job)], dtype="<f4")
-
-
-def _expected(job: Job) -> np.ndarray:
-    inputs = [
-        t for task in Task.objects.filter(job=job, role="primary").order_by("index") for t in task.inputs
-    ]
-    return np.stack([_truth(t) for t in inputs])
 
 
 def test_redundant_runs_on_two_honest_hosts_agree_despite_rounding_and_nobody_gets_a_strike(
     buyer: Any, catalog: Any
 ) -> None:
-    a, b = _host(), _host()
-    job = _job(buyer, n=4, task_size=2, verification="redundant", replicas=2)
+    a, b = fr.host(), fr.host()
+    job = fr.job(buyer, n=4, task_size=2, verification="redundant", replicas=2)
     assert Task.objects.filter(job=job).count() == 4  # 2 tasks × 2 runs
-    while _run(a) + _run(b):
+    while fr.run(a) + fr.run(b):
         pass
     job.refresh_from_db()
     assert job.status == "succeeded"
@@ -124,25 +44,25 @@ def test_redundant_runs_on_two_honest_hosts_agree_despite_rounding_and_nobody_ge
     # Each task's two runs went to two different hosts.
     for group in runs.values_list("group", flat=True).distinct():
         assert len({t.completed_by_id for t in runs.filter(group=group)}) == 2
-    assert np.allclose(_served(job), _expected(job), atol=1e-3)
+    assert np.allclose(fr.served(job), fr.expected(job), atol=1e-3)
     assert job_summary(job=job)["verification"]["runs_passed"] == 4
 
 
 def test_a_cheater_in_a_redundant_job_is_outvoted_by_a_trusted_tie_break_and_the_buyer_gets_the_truth(
     buyer: Any, catalog: Any
 ) -> None:
-    honest_host, cheater = _host(), _host()
-    job = _job(buyer, n=2, task_size=2, verification="redundant", replicas=2)
-    _run(honest_host)
-    _run(cheater, answer=cheat_random)
+    honest_host, cheater = fr.host(), fr.host()
+    job = fr.job(buyer, n=2, task_size=2, verification="redundant", replicas=2)
+    fr.run(honest_host)
+    fr.run(cheater, answer=cheat_random)
     tie_break = Task.objects.get(job=job, needs_trusted=True)
     assert "cosine" in tie_break.last_error
-    assert _claim(honest_host) == []  # it already ran this group
-    assert _claim(cheater) == []
+    assert fr.claim(honest_host) == []  # it already ran this group
+    assert fr.claim(cheater) == []
     job.refresh_from_db()
     assert job.status == "running" and job.items_done == 0  # nothing known-wrong is served meanwhile
-    referee = _host()
-    assert _run(referee) == 1
+    referee = fr.host()
+    assert fr.run(referee) == 1
     job.refresh_from_db()
     assert job.status == "succeeded"
     verdicts = {t.completed_by_id: t.verdict for t in Task.objects.filter(job=job)}
@@ -150,7 +70,7 @@ def test_a_cheater_in_a_redundant_job_is_outvoted_by_a_trusted_tie_break_and_the
     strike = Strike.objects.get()
     assert (strike.host_id, strike.kind) == (cheater.pk, "mismatch")
     assert "cosine" in strike.evidence and str(strike.task_id) in strike.evidence
-    assert np.allclose(_served(job), _expected(job), atol=1e-3)
+    assert np.allclose(fr.served(job), fr.expected(job), atol=1e-3)
     cheater.refresh_from_db()
     assert cheater.reliability < 0.85 and cheater.checks_failed == 1
     assert "strike" in ReliabilityEvent.objects.filter(host=cheater).first().reason  # type: ignore[union-attr]
@@ -159,20 +79,20 @@ def test_a_cheater_in_a_redundant_job_is_outvoted_by_a_trusted_tie_break_and_the
 def test_a_tie_break_waits_for_a_trusted_host_and_an_untrusted_one_cannot_take_it(
     buyer: Any, catalog: Any
 ) -> None:
-    a, b = _host(), _host()
-    _job(buyer, n=2, task_size=2, verification="redundant", replicas=2)
-    _run(a)
-    _run(b, answer=cheat_random)
-    newcomer = _host(reliability=0.5)  # verified, but not yet trusted
-    assert _claim(newcomer) == []
+    a, b = fr.host(), fr.host()
+    fr.job(buyer, n=2, task_size=2, verification="redundant", replicas=2)
+    fr.run(a)
+    fr.run(b, answer=cheat_random)
+    newcomer = fr.host(reliability=0.5)  # verified, but not yet trusted
+    assert fr.claim(newcomer) == []
     assert Task.objects.get(needs_trusted=True).status == "queued"
 
 
 def test_spot_checks_re_run_the_sampled_tasks_on_another_host(buyer: Any, catalog: Any) -> None:
-    a, b = _host(), _host()
-    job = _job(buyer, n=8, task_size=2, verification="spot", spot_fraction=1.0)
+    a, b = fr.host(), fr.host()
+    job = fr.job(buyer, n=8, task_size=2, verification="spot", spot_fraction=1.0)
     assert Task.objects.filter(job=job, role="replica").count() == 4
-    while _run(a) + _run(b):
+    while fr.run(a) + fr.run(b):
         pass
     job.refresh_from_db()
     assert job.status == "succeeded"
@@ -180,8 +100,8 @@ def test_spot_checks_re_run_the_sampled_tasks_on_another_host(buyer: Any, catalo
 
 
 def test_without_verification_a_result_is_accepted_unchecked(buyer: Any, catalog: Any, host: Any) -> None:
-    job = _job(buyer, n=2, task_size=2)
-    _run(host, answer=cheat_random)
+    job = fr.job(buyer, n=2, task_size=2)
+    fr.run(host, answer=cheat_random)
     job.refresh_from_db()
     assert job.status == "succeeded"
     assert Task.objects.get(job=job).verdict == "unchecked"
@@ -189,34 +109,28 @@ def test_without_verification_a_result_is_accepted_unchecked(buyer: Any, catalog
 
 @pytest.fixture
 def bank(catalog: Any) -> list[CanaryItem]:
-    texts = [f"canary sentence number {i}" for i in range(12)]
-    return CanaryItem.objects.bulk_create(
-        CanaryItem(
-            model=catalog, weights_sha256=catalog.weights_sha256, text=t, embedding=_truth(t).tobytes()
-        )
-        for t in texts
-    )
+    return fr.canary_bank(catalog)
 
 
 @override_settings(HEARTH_CANARIES_TO_VERIFY=3)
 def test_a_new_host_gets_only_known_answer_tasks_until_it_passes_enough_of_them(
     buyer: Any, bank: Any
 ) -> None:
-    job = _job(buyer, n=4, task_size=2)
-    newcomer = _host(verified_at=None, reliability=0.5)
+    job = fr.job(buyer, n=4, task_size=2)
+    newcomer = fr.host(verified_at=None, reliability=0.5)
     for passed in range(3):
-        assignments = _claim(newcomer)
+        assignments = fr.claim(newcomer)
         assert len(assignments) == 1  # one at a time, though it has two slots
         task = Task.objects.get(pk=assignments[0].task_id)
         assert task.role == "canary" and task.job_id != job.pk
         assert len(assignments[0].inputs) == 2  # shaped like the queued work
-        assert _claim(newcomer) == []
-        _payload_ok = _payload(assignments[0], honest(assignments[0].inputs))
+        assert fr.claim(newcomer) == []
+        _payload_ok = fr.payload(assignments[0], honest(assignments[0].inputs))
         assert task_result_accept(host_id=newcomer.pk, payload=_payload_ok).accepted
         newcomer.refresh_from_db()
         assert (newcomer.verified_at is not None) == (passed == 2)
     with override_settings(HEARTH_CANARY_RATE_MAX=0.0, HEARTH_CANARY_RATE_MIN=0.0):
-        assert {Task.objects.get(pk=a.task_id).job_id for a in _claim(newcomer)} == {job.pk}
+        assert {Task.objects.get(pk=a.task_id).job_id for a in fr.claim(newcomer)} == {job.pk}
     assert "verified" in ReliabilityEvent.objects.filter(host=newcomer).first().reason  # type: ignore[union-attr]
 
 
@@ -224,27 +138,27 @@ def test_a_new_host_gets_only_known_answer_tasks_until_it_passes_enough_of_them(
 def test_wrong_answers_to_known_answer_tasks_are_strikes_and_three_quarantine_the_host(
     buyer: Any, bank: Any
 ) -> None:
-    _job(buyer, n=4, task_size=2)
-    cheater = _host(verified_at=None, reliability=0.5)
+    fr.job(buyer, n=4, task_size=2)
+    cheater = fr.host(verified_at=None, reliability=0.5)
     for _ in range(3):
-        assert _run(cheater, answer=cheat_random) == 1
+        assert fr.run(cheater, answer=cheat_random) == 1
     cheater.refresh_from_db()
     assert cheater.verified_at is None
     assert cheater.quarantined_at is not None and cheater.earnings_withheld
     assert "3 strikes" in cheater.quarantine_reason
     assert list(Strike.objects.filter(host=cheater).values_list("kind", flat=True)) == ["canary"] * 3
     assert "known-answer" in Strike.objects.filter(host=cheater).first().evidence  # type: ignore[union-attr]
-    assert _claim(cheater) == []
+    assert fr.claim(cheater) == []
 
 
 def test_a_verified_host_gets_canaries_mixed_in_less_often_as_its_streak_grows(buyer: Any, bank: Any) -> None:
-    _job(buyer, n=400, task_size=1)
-    fresh, seasoned = _host(slots=1, pass_streak=0), _host(slots=1, pass_streak=40)
+    fr.job(buyer, n=400, task_size=1)
+    fresh, seasoned = fr.host(slots=1, pass_streak=0), fr.host(slots=1, pass_streak=40)
 
     def canaries(host: Host, rounds: int = 60) -> int:
         count = 0
         for _ in range(rounds):
-            for assignment in _claim(host):
+            for assignment in fr.claim(host):
                 task = Task.objects.get(pk=assignment.task_id)
                 count += task.role == "canary"
                 Task.objects.filter(pk=task.pk).update(status="cancelled")  # free the slot, no verdict
@@ -258,8 +172,8 @@ def test_a_verified_host_gets_canaries_mixed_in_less_often_as_its_streak_grows(b
 def test_a_host_that_holds_a_task_and_never_answers_loses_it_at_the_runtime_cap_with_a_strike(
     buyer: Any, catalog: Any, host: Any
 ) -> None:
-    _job(buyer, n=2, task_size=2)
-    assignment = _claim(host)[0]
+    fr.job(buyer, n=2, task_size=2)
+    assignment = fr.claim(host)[0]
     start = timezone.now()
     with override_settings(HEARTH_TASK_MAX_RUNTIME_S=30, HEARTH_LEASE_SECONDS=20):
         for seconds in (10, 20, 29):
@@ -276,25 +190,25 @@ def test_a_host_that_holds_a_task_and_never_answers_loses_it_at_the_runtime_cap_
 
 
 def test_a_trusted_host_that_turned_cannot_decide_a_tie_break_alone(buyer: Any, catalog: Any) -> None:
-    a, b, turned, referee = _host(), _host(), _host(), _host()
-    job = _job(buyer, n=1, task_size=1, verification="redundant", replicas=2)
-    _run(a)
-    _run(b, answer=cheat_random)
-    assert _run(turned, answer=cheat_random) == 1  # takes the tie-break and lies
+    a, b, turned, referee = fr.host(), fr.host(), fr.host(), fr.host()
+    job = fr.job(buyer, n=1, task_size=1, verification="redundant", replicas=2)
+    fr.run(a)
+    fr.run(b, answer=cheat_random)
+    assert fr.run(turned, answer=cheat_random) == 1  # takes the tie-break and lies
     job.refresh_from_db()
     assert job.status == "running"  # three runs, no two agree: one more
     assert Task.objects.filter(job=job, needs_trusted=True).count() == 2
-    assert _run(referee) == 1
+    assert fr.run(referee) == 1
     job.refresh_from_db()
     assert job.status == "succeeded"
     assert set(Strike.objects.values_list("host_id", flat=True)) == {b.pk, turned.pk}
-    assert np.allclose(_served(job), _expected(job), atol=1e-3)
+    assert np.allclose(fr.served(job), fr.expected(job), atol=1e-3)
 
 
 def test_a_strike_reopens_the_hosts_unchecked_results_in_running_jobs(buyer: Any, catalog: Any) -> None:
-    cheater, other = _host(slots=2), _host()
-    job = _job(buyer, n=4, task_size=1)  # no verification asked
-    _run(cheater, answer=cheat_random)  # two tasks, accepted unchecked
+    cheater, other = fr.host(slots=2), fr.host()
+    job = fr.job(buyer, n=4, task_size=1)  # no verification asked
+    fr.run(cheater, answer=cheat_random)  # two tasks, accepted unchecked
     job.refresh_from_db()
     assert job.items_done == 2
     from marketplace.trust.services import strike
@@ -304,12 +218,12 @@ def test_a_strike_reopens_the_hosts_unchecked_results_in_running_jobs(buyer: Any
     assert job.items_done == 0  # its two results are no longer final
     assert Task.objects.filter(job=job, role="replica").count() == 2
     with override_settings(HEARTH_CANARY_RATE_MAX=0.0, HEARTH_CANARY_RATE_MIN=0.0):
-        while _run(other):
+        while fr.run(other):
             pass
-        _run(_host(slots=4))
+        fr.run(fr.host(slots=4))
     job.refresh_from_db()
     assert job.status == "succeeded"
-    assert np.allclose(_served(job), _expected(job), atol=1e-3)
+    assert np.allclose(fr.served(job), fr.expected(job), atol=1e-3)
     assert Task.objects.filter(job=job, completed_by=cheater, verdict="failed").count() == 2
 
 
@@ -324,8 +238,8 @@ def test_hosts_with_old_numbers_are_asked_to_benchmark_again_and_others_only_at_
     stale_channel = async_to_sync(layer.new_channel)()
     fresh_channel = async_to_sync(layer.new_channel)()
     now = timezone.now()
-    stale = _host(channel_name=stale_channel, benchmark_at=now - timedelta(days=2))
-    _host(channel_name=fresh_channel, benchmark_at=now - timedelta(minutes=5))
+    stale = fr.host(channel_name=stale_channel, benchmark_at=now - timedelta(days=2))
+    fr.host(channel_name=fresh_channel, benchmark_at=now - timedelta(minutes=5))
     with override_settings(HEARTH_REBENCHMARK_S=86400, HEARTH_REBENCHMARK_RANDOM_MEAN_S=10**9):
         assert hosts_request_benchmark(now=now) == 1
         assert hosts_request_benchmark(now=now) == 0  # not asked twice in a row
@@ -344,7 +258,7 @@ def test_a_benchmark_that_does_not_fit_the_claimed_gpu_is_a_strike_and_stops_all
 ) -> None:
     from marketplace.trust.services import host_benchmark_record
 
-    liar = _host(
+    liar = fr.host(
         device="cuda", capabilities={"gpus": [{"name": "NVIDIA GeForce RTX 4090", "memory_mb": 24576}]}
     )
     report = protocol.BenchmarkReport(
@@ -356,15 +270,15 @@ def test_a_benchmark_that_does_not_fit_the_claimed_gpu_is_a_strike_and_stops_all
     strikes = list(Strike.objects.filter(host=liar))
     assert [s.kind for s in strikes] == ["hardware"]  # one strike per distinct report, not per reconnect
     assert "RTX 4090" in strikes[0].evidence and "41 GFLOP/s" in strikes[0].evidence
-    _job(buyer)
-    assert _claim(liar) == []
+    fr.job(buyer)
+    assert fr.claim(liar) == []
 
 
 def test_a_quarantined_hosts_owner_keeps_pending_earnings_out_of_the_next_sweep(catalog: Any) -> None:
     from marketplace.trust.selectors import owners_with_withheld_earnings
     from marketplace.trust.services import quarantine
 
-    honest, quarantined = _host(), _host()
+    honest, quarantined = fr.host(), fr.host()
     assert quarantine(host_id=quarantined.pk, reason="3 strikes")
     assert owners_with_withheld_earnings() == frozenset({quarantined.owner_id})
     assert honest.owner_id not in owners_with_withheld_earnings()

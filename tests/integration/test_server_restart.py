@@ -44,8 +44,9 @@ def test_agents_reconnect_after_a_server_crash_and_finish_the_job(tmp_path: Any)
         assert job["status"] == "succeeded", job
         assert job["items_done"] == len(inputs)
         assert agent.process.poll() is None, "the agent should have reconnected, not exited"
-        # The leases of the dead session were released when the agent came back.
-        assert job["task_attempts"] > job["tasks"]["succeeded"]
+        # Whatever was in flight at the crash was finished after the reconnect or leased again; only
+        # those few tasks (at most the agent's slots, here 1–2) can have run twice.
+        assert job["tasks"]["succeeded"] <= job["task_attempts"] <= job["tasks"]["succeeded"] + 4
         log = agent.log()
         assert log.count("connected to ws://") >= 2
         assert "reconnecting in" in log

@@ -24,6 +24,7 @@ from marketplace.billing.services import (
     stripe_webhook_receive,
     topup_create,
 )
+from marketplace.hosts.selectors import host_list_for_owner
 
 
 class CSVRenderer(renderers.BaseRenderer):
@@ -173,3 +174,11 @@ class EarningsByDayApi(_StatementApi):
 
     def rows(self, user: User) -> list[dict[str, Any]]:
         return selectors.earnings_by_day(owner=user)
+
+
+class EarningsByMachineApi(_StatementApi):
+    filename = "earnings-by-machine"
+
+    def rows(self, user: User) -> list[dict[str, Any]]:
+        names = {str(host.pk): host.name for host in host_list_for_owner(owner=user)}
+        return selectors.earnings_by_machine(owner=user, host_names=names)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping
 from typing import Any
 
 from django.conf import settings
-from django.db.models import QuerySet, Sum
+from django.db.models import Count, QuerySet, Sum
 from django.db.models.functions import TruncDate, TruncMonth
 
 from marketplace.accounts.models import User
@@ -163,3 +164,36 @@ def earnings_by_day(*, owner: User) -> list[dict[str, Any]]:
         }
         for day in days
     ]
+
+
+def earnings_by_machine(*, owner: User, host_names: Mapping[str, str]) -> list[dict[str, Any]]:
+    """Per machine (the ledger keeps host ids, `host_names` names them): runs paid, earned after fees,
+    clawed back for runs found wrong. Most earned first."""
+    rows = (
+        Entry.objects.filter(
+            account__owner=owner, account__kind=K.HOST_PENDING, account__currency=settings.HEARTH_CURRENCY,
+            transaction__kind__in=[T.CAPTURE, T.PLATFORM_RUN, T.CLAWBACK],
+        )
+        .values("transaction__host_id", "transaction__kind")
+        .annotate(total=Sum("amount"), runs=Count("id"))
+    )  # fmt: skip
+    machines: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        host_id = row["transaction__host_id"]
+        machine = machines.setdefault(
+            host_id,
+            {
+                "host_id": host_id,
+                "name": host_names.get(host_id, "(removed machine)"),
+                "runs_paid": 0,
+                "earned_minor": 0,
+                "clawed_back_minor": 0,
+                "currency": settings.HEARTH_CURRENCY,
+            },
+        )
+        if row["transaction__kind"] == T.CLAWBACK:
+            machine["clawed_back_minor"] -= int(row["total"])
+        else:
+            machine["earned_minor"] += int(row["total"])
+            machine["runs_paid"] += int(row["runs"])
+    return sorted(machines.values(), key=lambda m: (-m["earned_minor"], m["name"]))

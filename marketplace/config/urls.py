@@ -6,6 +6,7 @@ from marketplace.billing.apis import (
     BalanceApi,
     ConnectOnboardingApi,
     EarningsByDayApi,
+    EarningsByMachineApi,
     PayoutDetailApi,
     PayoutListApi,
     StripeWebhookApi,
@@ -52,6 +53,7 @@ api_v1 = [
     path("billing/statements/jobs", UsageByJobApi.as_view(), name="billing-usage-by-job"),
     path("billing/statements/months", UsageByMonthApi.as_view(), name="billing-usage-by-month"),
     path("billing/statements/earnings", EarningsByDayApi.as_view(), name="billing-earnings-by-day"),
+    path("billing/statements/machines", EarningsByMachineApi.as_view(), name="billing-earnings-by-machine"),
 ]
 
 urlpatterns = [

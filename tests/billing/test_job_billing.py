@@ -224,3 +224,31 @@ def test_a_result_accepted_unchecked_then_found_wrong_has_its_payment_taken_back
     assert (cost["charged_minor"], cost["reversed_minor"]) == (20, 20)
     assert balance(K.BUYER_CREDIT, buyer) == credit_before - 20
     assert_ledger_sound()
+
+
+def test_an_owner_sees_earnings_per_machine_as_json_and_csv(
+    buyer: Any, catalog: Any, host_owner: Any
+) -> None:
+    from rest_framework.test import APIClient
+
+    from marketplace.accounts.services import api_key_create
+
+    attic = priced_host(1000, owner=host_owner, name="attic-4090")
+    den = priced_host(1000, owner=host_owner, name="den-3060", slots=1)
+    fr.job(buyer, n=30, task_size=10, max_price_per_1k_minor=1000)
+    with NO_CANARIES:
+        fr.run(den)  # one run
+    run_until_idle(attic)  # the other two
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {api_key_create(user=host_owner, name='t').plaintext}")
+    rows = client.get("/api/v1/billing/statements/machines").json()
+    assert [(r["name"], r["runs_paid"], r["earned_minor"], r["clawed_back_minor"]) for r in rows] == [
+        ("attic-4090", 2, 18, 0),
+        ("den-3060", 1, 9, 0),
+    ]
+    csv = client.get("/api/v1/billing/statements/machines", {"format": "csv"}).content.decode().splitlines()
+    assert csv[0] == "host_id,name,runs_paid,earned_minor,clawed_back_minor,currency"
+    assert csv[1].startswith(f"{attic.pk},attic-4090,2,18,0,usd")
+    other = APIClient()
+    other.credentials(HTTP_AUTHORIZATION=f"Bearer {api_key_create(user=buyer, name='t').plaintext}")
+    assert other.get("/api/v1/billing/statements/machines").json() == []

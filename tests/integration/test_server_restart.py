@@ -45,7 +45,7 @@ def test_agents_reconnect_after_a_server_crash_and_finish_the_job(tmp_path: Any)
         assert job["items_done"] == len(inputs)
         assert agent.process.poll() is None, "the agent should have reconnected, not exited"
         # Whatever was in flight at the crash was finished after the reconnect or leased again; only
-        # those few tasks (at most the agent's slots, here 1–2) can have run twice.
+        # those few tasks (at most the agent's slots, here 1 or 2) can have run twice.
         assert job["tasks"]["succeeded"] <= job["task_attempts"] <= job["tasks"]["succeeded"] + 4
         log = agent.log()
         assert log.count("connected to ws://") >= 2

@@ -86,7 +86,9 @@ function priceEstimate() {
   if (!form || !form.dataset.priceLow) return;
   const low = Number(form.dataset.priceLow), high = Number(form.dataset.priceHigh);
   const out = document.getElementById("estimate");
-  const money = (minor) => (minor / 100).toFixed(2);
+  const currency = form.dataset.currency || "";
+  // Small jobs cost fractions of a cent: show them rather than 0.00.
+  const money = (minor) => `${(minor / 100).toFixed(minor < 100 ? 4 : 2)} ${currency}`;
   let fileLines = 0;
   const update = () => {
     const text = form.elements["inputs_text"].value;
@@ -95,13 +97,13 @@ function priceEstimate() {
     let runs = 1;
     if (level === "redundant") runs = Number(form.elements["replicas"].value) || 2;
     if (level === "spot") runs = 1 + (Number(form.elements["spot_fraction"].value) || 0.05);
-    if (!items) { out.textContent = `Hosts online ask ${money(low)} – ${money(high)} per 1,000 items.`; return; }
+    if (!items) { out.textContent = `Hosts ask ${money(low)} – ${money(high)} per 1,000 items.`; return; }
     const cap = Number(form.elements["max_price_per_1k"].value) * 100 || Infinity;
     const top = Math.min(high, cap);
     out.innerHTML = "";
     out.append("Estimated price for " + items + " items: ");
     const strong = document.createElement("strong");
-    strong.textContent = `${money(Math.round(low * items * runs / 1000))} – ${money(Math.round(Math.max(low, top) * items * runs / 1000))}`;
+    strong.textContent = `${money(low * items * runs / 1000)} – ${money(Math.max(low, top) * items * runs / 1000)}`;
     out.append(strong);
   };
   form.addEventListener("input", update);

@@ -13,10 +13,10 @@ from html import escape
 from django.utils.safestring import SafeString, mark_safe
 
 WIDTH = 600
-HEIGHT = 160
+HEIGHT = 180
 PAD_LEFT = 48
 PAD_BOTTOM = 22
-PAD_TOP = 10
+PAD_TOP = 28
 
 Point = tuple[datetime | date, float]
 
@@ -35,10 +35,11 @@ def _frame(
         f'<text x="{PAD_LEFT - 4}" y="{PAD_TOP + plot_h}" text-anchor="end" class="tick">0</text>'
         f'<text x="{PAD_LEFT}" y="{HEIGHT - 4}" class="tick">{escape(first)}</text>'
         f'<text x="{WIDTH}" y="{HEIGHT - 4}" text-anchor="end" class="tick">{escape(last)}</text>'
+        f'<text x="0" y="16" class="caption">{escape(title)}</text>'
     )
     return mark_safe(
         f'<svg class="chart" viewBox="0 0 {WIDTH} {HEIGHT}" role="img" aria-label="{escape(title)}" '
-        f'preserveAspectRatio="none"><title>{escape(title)}</title>{axis}{body}</svg>'
+        f"><title>{escape(title)}</title>{axis}{body}</svg>"
     )
 
 

@@ -34,15 +34,16 @@ class JobProgressConsumer(AsyncJsonWebsocketConsumer):
     async def connect(self) -> None:
         user = self.scope.get("user")
         self.job_id = str(self.scope["url_route"]["kwargs"]["job_id"])
-        if not isinstance(user, User) or not user.is_authenticated:
-            await self.close(code=CLOSE_NOT_FOUND)
-            return
-        self.user = user
-        first = await database_sync_to_async(_snapshot)(user, self.job_id)
-        if first is None:  # another buyer's job looks like no job
-            await self.close(code=CLOSE_NOT_FOUND)
-            return
+        first = None
+        if isinstance(user, User) and user.is_authenticated:
+            self.user = user
+            first = await database_sync_to_async(_snapshot)(user, self.job_id)
+        # Accepted before closing, so the page's script sees our code (a refused handshake is
+        # 1006 to a browser) and stops reconnecting. Another buyer's job looks like no job.
         await self.accept()
+        if first is None:
+            await self.close(code=CLOSE_NOT_FOUND)
+            return
         await self.send_json(first)
         self.feed = asyncio.create_task(self._follow(first))
 

@@ -66,13 +66,17 @@ def _price(host: Host) -> int:
 
 
 def price_range_per_1k(*, model: CatalogModel | None = None) -> tuple[int, int] | None:
-    """The lowest and highest asking price per 1,000 items among online, verified hosts that can
-    hold the model; None when no such host is online."""
+    """The lowest and highest asking price per 1,000 items among verified hosts that can hold the
+    model: those online now, or when none is, all of them (what the queue will be offered at).
+    None when no host is verified yet."""
+    verified = Host.objects.filter(
+        verified_at__isnull=False, revoked_at__isnull=True, quarantined_at__isnull=True
+    )
+    online = [h for h in verified if h.status == Host.Status.ONLINE]
     prices = [
         _price(h)
-        for h in _online_hosts()
-        if h.verified_at is not None
-        and (model is None or not h.memory_mb or h.memory_mb >= model.min_memory_mb)
+        for h in (online or list(verified))
+        if model is None or not h.memory_mb or h.memory_mb >= model.min_memory_mb
     ]
     return (min(prices), max(prices)) if prices else None
 

@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth import login
 from django.contrib.auth.decorators import login_required
@@ -228,6 +229,7 @@ def job_new(request: HttpRequest) -> HttpResponse:
             "prices": prices,
             "prices_text": (selectors.money(prices[0]), selectors.money(prices[1])) if prices else None,
             "balance": selectors.buyer_balance(buyer=buyer),
+            "currency": settings.HEARTH_CURRENCY.upper(),
         },
     )
 

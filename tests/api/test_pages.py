@@ -187,7 +187,7 @@ def test_password_reset_sends_a_link_that_sets_a_new_password(buyer: Any, settin
     settings.EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
     Client().post("/password-reset/", {"email": buyer.email})
     assert len(mail.outbox) == 1
-    link = re.search(r"http://testserver(/reset/\S+/)", mail.outbox[0].body)
+    link = re.search(r"http://testserver(/reset/\S+/)", str(mail.outbox[0].body))
     assert link is not None
     browser = Client()
     form_url = browser.get(link.group(1), follow=True).redirect_chain[-1][0]

@@ -204,3 +204,55 @@ def test_every_page_renders_for_its_side_of_the_market(
     for path in ["/machines/", "/machines/add/", f"/machines/{host.pk}/", "/earnings/"]:
         assert _logged_in(host_owner).get(path).status_code == 200, path
     assert Client().get("/static/hearth.js").status_code == 200
+
+
+def test_the_machine_page_charts_each_meter_the_site_reports(host_owner: Any, host: Any) -> None:
+    from django.utils import timezone
+
+    from marketplace.hosts.models import PowerSample
+
+    start = timezone.now().replace(second=0, microsecond=0)
+    for minutes, soc in ((2, 44.0), (1, 45.0)):
+        PowerSample.objects.create(
+            host=host,
+            resolution_s=60,
+            bucket_start=start - timezone.timedelta(minutes=minutes),
+            samples=2,
+            battery_soc_pct_sum=2 * soc,
+            battery_soc_pct_n=2,
+        )
+    page = _logged_in(host_owner).get(f"/machines/{host.pk}/").content.decode()
+    assert '<svg class="chart"' in page
+    assert 'aria-label="Battery charge: 45 % now"' in page
+    assert "GPU power:" not in page  # a meter the site never reported gets no empty chart
+
+
+def test_the_billing_page_shows_credit_from_stripe_and_the_spend_per_day(
+    api: APIClient, buyer: Any, host_owner: Any, host: Any, catalog: Any, settings: Any
+) -> None:
+    from marketplace.billing.fake_stripe import FakeStripe
+    from marketplace.billing.services import escrow_capture, escrow_hold, topup_create
+
+    fake = FakeStripe().start()
+    try:
+        settings.HEARTH_STRIPE_API_KEY = "sk_test_pages"
+        settings.HEARTH_STRIPE_API_BASE = fake.api_base
+        settings.HEARTH_STRIPE_MAX_NETWORK_RETRIES = 0
+        topup = topup_create(user=buyer, amount_minor=1000)
+        assert topup.session_id is not None
+        fake.pay_session(topup.session_id)
+        browser = _logged_in(buyer)
+        # Back from Checkout: the page asks Stripe itself instead of trusting the redirect.
+        landed = browser.get(f"/dashboard/?topup=success&session_id={topup.session_id}")
+        assert landed["Location"] == "/billing/"
+    finally:
+        fake.stop()
+    job_id = _submit(api, ["a"])
+    escrow_hold(job_id=job_id, buyer=buyer, amount_minor=500)
+    escrow_capture(
+        run_id="run-1", job_id=job_id, buyer=buyer, host_owner=host_owner, host_id=host.pk, amount_minor=250
+    )
+    page = browser.get("/billing/").content.decode()
+    assert re.search(r'data-stat="credit">5\.00 USD<', page)
+    assert 'aria-label="Spend per day, last 30 days: 2.50 USD in all"' in page
+    assert "2.50 USD" in browser.get("/jobs/").content.decode()  # the job's cost

@@ -207,6 +207,8 @@ def test_every_page_renders_for_its_side_of_the_market(
 
 
 def test_the_machine_page_charts_each_meter_the_site_reports(host_owner: Any, host: Any) -> None:
+    from datetime import timedelta
+
     from django.utils import timezone
 
     from marketplace.hosts.models import PowerSample
@@ -216,7 +218,7 @@ def test_the_machine_page_charts_each_meter_the_site_reports(host_owner: Any, ho
         PowerSample.objects.create(
             host=host,
             resolution_s=60,
-            bucket_start=start - timezone.timedelta(minutes=minutes),
+            bucket_start=start - timedelta(minutes=minutes),
             samples=2,
             battery_soc_pct_sum=2 * soc,
             battery_soc_pct_n=2,

@@ -107,7 +107,12 @@ class NewJobForm(forms.Form):
     def clean(self) -> dict[str, Any]:
         data = super().clean() or {}
         text, upload = data.get("inputs_text"), data.get("inputs_file")
-        if text and upload:
+        if upload is not None and upload.size > settings.HEARTH_MAX_UPLOAD_BYTES:
+            self.add_error(
+                "inputs_file",
+                f"the file is {upload.size} bytes; the limit is {settings.HEARTH_MAX_UPLOAD_BYTES}",
+            )
+        elif text and upload:
             self.add_error("inputs_file", "paste inputs or upload a file, not both")
         elif not text and not upload and "inputs_text" not in self.errors:
             self.add_error("inputs_text", "paste at least one line, or upload a JSONL file")

@@ -1,6 +1,7 @@
 """Browser tests: Playwright drives Debian's headless Chromium against a real Hearth.
 
-One stack (uvicorn, the local fake Stripe, real agent processes) serves every test here.
+One stack (uvicorn, the local fake Stripe, real agent processes) serves every test here; it is
+package-scoped, so it stops before the rest of the suite runs.
 Screenshots of key pages go to var/test-artifacts/browser/NAME.png.
 """
 
@@ -48,14 +49,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(skip)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def fake_stripe() -> Iterator[FakeStripe]:
     fake = FakeStripe().start()
     yield fake
     fake.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def stack(tmp_path_factory: pytest.TempPathFactory, fake_stripe: FakeStripe) -> Iterator[LocalStack]:
     from tests.integration.conftest import TEST_SETTINGS
 
@@ -79,7 +80,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, fake_stripe: FakeStripe) -> 
             print(stack.logs())
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def browser() -> Iterator[Any]:
     from playwright.sync_api import sync_playwright
 
@@ -144,7 +145,7 @@ def policy_file(home: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def fleet_agent(stack: LocalStack) -> dict[str, Any]:
     """One verified agent of another owner, stopped: a test starts it when it wants work done."""
     owner = stack.signup(email="fleet-owner@example.com", role="host")

@@ -306,6 +306,27 @@ def machine_tasks_per_hour(*, host: Host, hours: int = 24) -> list[tuple[datetim
     ]
 
 
+def machine_earnings_by_day(*, host: Host, days: int = 14) -> list[tuple[date, int]]:
+    """What this machine earned its owner per UTC day (after the platform fee), oldest first."""
+    today = timezone.now().date()
+    start = today - timedelta(days=days - 1)
+    rows = dict(
+        Entry.objects.filter(
+            account__owner_id=host.owner_id,
+            account__kind=Account.Kind.HOST_PENDING,
+            account__currency=settings.HEARTH_CURRENCY,
+            transaction__kind=LedgerTransaction.Kind.CAPTURE,
+            transaction__host_id=str(host.pk),
+            transaction__created_at__date__gte=start,
+        )
+        .annotate(day=TruncDate("transaction__created_at"))
+        .values("day")
+        .annotate(total=Sum("amount"))
+        .values_list("day", "total")
+    )
+    return [(start + timedelta(days=i), int(rows.get(start + timedelta(days=i)) or 0)) for i in range(days)]
+
+
 def machine_current_tasks(*, host: Host) -> list[dict[str, Any]]:
     return [
         dict(row)

@@ -402,6 +402,9 @@ def machine_detail(request: HttpRequest, host_id: str) -> HttpResponse:
             "reliability": host_reliability(host=host, events=20),
             "power_charts": power_charts,
             "tasks_chart": tasks_chart,
+            "earnings_chart": charts.bar_chart(
+                selectors.machine_earnings_by_day(host=host), title="Earned per day, last 14 days", fmt=_money
+            ),
             "current": selectors.machine_current_tasks(host=host),
         },
     )

@@ -258,3 +258,5 @@ def test_the_billing_page_shows_credit_from_stripe_and_the_spend_per_day(
     assert re.search(r'data-stat="credit">5\.00 USD<', page)
     assert 'aria-label="Spend per day, last 30 days: 2.50 USD in all"' in page
     assert "2.50 USD" in browser.get("/jobs/").content.decode()  # the job's cost
+    machine = _logged_in(host_owner).get(f"/machines/{host.pk}/").content.decode()
+    assert 'aria-label="Earned per day, last 14 days: 2.13 USD in all"' in machine  # 250 less the 15% fee

@@ -50,6 +50,13 @@ def test_bad_input_is_answered_beside_the_field_and_nothing_is_created(page: Any
     nav(page, "Jobs")
     assert "No jobs yet" in page.content()
 
+    # The same pages at phone width: nothing but tables scrolls sideways.
+    page.set_viewport_size({"width": 390, "height": 844})
+    for path in ("/jobs/new/", "/billing/", "/keys/"):
+        page.goto(path)
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390, path
+    screenshot(page, "api-keys-phone")
+
 
 def test_a_buyer_opening_another_buyers_job_gets_404_and_no_live_feed(page: Any, stack: LocalStack) -> None:
     owner_key = stack.buyer("job-owner@example.com")

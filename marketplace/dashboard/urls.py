@@ -52,6 +52,7 @@ urlpatterns = [
     path("machines/", views.machines, name="machines"),
     path("machines/add/", views.machine_add, name="machine-add"),
     path("machines/<str:host_id>/", views.machine_detail, name="machine-detail"),
+    path("machines/<str:host_id>/revoke/", views.machine_revoke, name="machine-revoke"),
     path("earnings/", views.earnings, name="earnings"),
     path("earnings/connect/", views.connect_start, name="connect-start"),
 ]

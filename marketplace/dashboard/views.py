@@ -46,7 +46,12 @@ from marketplace.dashboard.forms import (
     TopUpForm,
     form_errors_from,
 )
-from marketplace.hosts.services import enrollment_token_create, host_policy, host_policy_update
+from marketplace.hosts.services import (
+    enrollment_token_create,
+    host_policy,
+    host_policy_update,
+    host_token_revoke,
+)
 from marketplace.jobs.inputs import inputs_from_jsonl
 from marketplace.jobs.selectors import job_get_for_buyer, job_results_jsonl
 from marketplace.jobs.services import JobTooLarge, check_job_spec, job_cancel, job_submit
@@ -408,6 +413,15 @@ def machine_detail(request: HttpRequest, host_id: str) -> HttpResponse:
             "current": selectors.machine_current_tasks(host=host),
         },
     )
+
+
+@login_required
+@require_POST
+def machine_revoke(request: HttpRequest, host_id: str) -> HttpResponse:
+    host = _owned_machine(request, host_id)
+    host_token_revoke(host=host)
+    messages.success(request, f"{host.name} is removed: its token is revoked and its connection closed.")
+    return redirect("machines")
 
 
 @login_required

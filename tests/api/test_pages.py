@@ -179,8 +179,21 @@ def test_the_policy_form_saves_a_new_version_and_refuses_bad_hours(host_owner: A
     assert host.policy["version"] == 1
 
 
+def test_removing_a_machine_revokes_its_token_and_drops_it_from_the_list(host_owner: Any, host: Any) -> None:
+    browser = _logged_in(host_owner)
+    assert browser.post(f"/machines/{host.pk}/revoke/")["Location"] == "/machines/"
+    host.refresh_from_db()
+    assert host.revoked_at is not None
+    assert "No machines yet" in browser.get("/machines/").content.decode()
+    assert browser.get(f"/machines/{host.pk}/").status_code == 404
+
+
 def test_another_owners_machine_page_is_404(buyer: Any, host: Any) -> None:
-    assert _logged_in(buyer).get(f"/machines/{host.pk}/").status_code == 404
+    browser = _logged_in(buyer)
+    assert browser.get(f"/machines/{host.pk}/").status_code == 404
+    assert browser.post(f"/machines/{host.pk}/revoke/").status_code == 404
+    host.refresh_from_db()
+    assert host.revoked_at is None
 
 
 def test_password_reset_sends_a_link_that_sets_a_new_password(buyer: Any, settings: Any) -> None:

@@ -349,7 +349,7 @@ def machine_add(request: HttpRequest) -> HttpResponse:
         created = enrollment_token_create(owner=_user(request))
         request.session[FLASH_ENROLLMENT] = {
             "token": created.plaintext,
-            "expires_at": created.token.expires_at.isoformat(),
+            "expires_at": created.token.expires_at.strftime("%Y-%m-%d %H:%M"),
         }
         return redirect("machine-add")
     new = request.session.pop(FLASH_ENROLLMENT, None)

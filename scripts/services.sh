@@ -16,7 +16,8 @@ PG_LOG=$PG_ROOT/postgres.log
 REDIS_DIR=/tmp/hearth-redis
 DATABASE_URL="postgres://hearth@127.0.0.1:$PG_PORT/hearth"
 REDIS_URL="redis://127.0.0.1:$REDIS_PORT/0"
-APT_PACKAGES=(postgresql redis-server bubblewrap)
+# chromium: Debian's headless browser for tests/browser (Playwright drives /usr/bin/chromium).
+APT_PACKAGES=(postgresql redis-server bubblewrap chromium)
 
 log() { echo "services: $*" >&2; }
 die() { log "$*"; exit 1; }
@@ -41,7 +42,7 @@ as_pg() {
 
 install_missing() {
     if pg_bin >/dev/null && command -v redis-server >/dev/null && command -v redis-cli >/dev/null \
-        && command -v bwrap >/dev/null; then
+        && command -v bwrap >/dev/null && [[ -x /usr/bin/chromium ]]; then
         return
     fi
     is_root || die "missing packages; run as root or: sudo apt-get install ${APT_PACKAGES[*]}"

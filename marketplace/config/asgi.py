@@ -1,4 +1,4 @@
-"""ASGI entry point: HTTP through Django, /ws/agent/ through Channels.
+"""ASGI entry point: HTTP through Django, /ws/agent/ and the pages' /ws/pages/ through Channels.
 
 Handles the lifespan protocol so the embedded default can run its periodic
 sweeps inside the server process.
@@ -19,9 +19,12 @@ from django.core.asgi import get_asgi_application
 django_asgi = get_asgi_application()
 
 from marketplace.config import background  # noqa: E402
+from marketplace.dashboard.routing import websocket_urlpatterns as page_websockets  # noqa: E402
 from marketplace.gateway.routing import websocket_urlpatterns  # noqa: E402
 
-router = ProtocolTypeRouter({"http": django_asgi, "websocket": URLRouter(websocket_urlpatterns)})
+router = ProtocolTypeRouter(
+    {"http": django_asgi, "websocket": URLRouter([*websocket_urlpatterns, *page_websockets])}
+)
 
 
 async def application(scope: dict[str, Any], receive: Any, send: Any) -> None:

@@ -76,7 +76,8 @@ def job_cost(*, job_id: str, buyer_id: int) -> dict[str, Any]:
 
 
 def usage_by_job(*, buyer: User) -> list[dict[str, Any]]:
-    """Per job: escrow held, spent on verified runs, released unused (newest job first)."""
+    """Per job: escrow held, spent on accepted runs (less payments reversed for runs found wrong),
+    released unused (newest job first)."""
     escrow = Entry.objects.filter(
         account__owner=buyer, account__kind=K.BUYER_ESCROW, account__currency=settings.HEARTH_CURRENCY
     )
@@ -88,6 +89,15 @@ def usage_by_job(*, buyer: User) -> list[dict[str, Any]]:
     jobs: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for row in rows:
         jobs[row["transaction__job_id"]][row["transaction__kind"]] += int(row["total"])
+    reversed_ = dict(
+        Entry.objects.filter(
+            account__owner=buyer, account__kind=K.BUYER_CREDIT, transaction__kind=T.CLAWBACK,
+            account__currency=settings.HEARTH_CURRENCY,
+        )
+        .values("transaction__job_id")
+        .annotate(total=Sum("amount"))
+        .values_list("transaction__job_id", "total")
+    )  # fmt: skip
     first_seen = dict(
         escrow.filter(transaction__kind=T.HOLD).values_list("transaction__job_id", "transaction__created_at")
     )
@@ -96,7 +106,8 @@ def usage_by_job(*, buyer: User) -> list[dict[str, Any]]:
             "job_id": job_id,
             "held_at": first_seen.get(job_id),
             "held_minor": kinds[T.HOLD],
-            "spent_minor": -kinds[T.CAPTURE],
+            "spent_minor": -kinds[T.CAPTURE] - int(reversed_.get(job_id) or 0),
+            "reversed_minor": int(reversed_.get(job_id) or 0),
             "released_minor": -kinds[T.RELEASE],
             "in_escrow_minor": sum(kinds.values()),
             "currency": settings.HEARTH_CURRENCY,

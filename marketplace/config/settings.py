@@ -165,6 +165,10 @@ HEARTH_MAX_UPLOAD_BYTES = env_int("HEARTH_MAX_UPLOAD_BYTES", 32 * 1024 * 1024, m
 DATA_UPLOAD_MAX_MEMORY_SIZE = HEARTH_MAX_UPLOAD_BYTES + 1024 * 1024
 FILE_UPLOAD_MAX_MEMORY_SIZE = 4 * 1024 * 1024
 
+# Password-reset mail: printed to the server's log unless a real backend is configured.
+EMAIL_BACKEND = env_str("DJANGO_EMAIL_BACKEND", "django.core.mail.backends.console.EmailBackend")
+DEFAULT_FROM_EMAIL = env_str("DJANGO_DEFAULT_FROM_EMAIL", "Hearth <no-reply@hearth.local>")
+
 HEARTH_PUBLIC_URL = env_str("HEARTH_PUBLIC_URL", "http://127.0.0.1:8000")
 
 # Billing: money is integer minor units of one currency. Stripe is reached at

@@ -7,7 +7,7 @@ from decimal import Decimal
 from typing import Any
 
 from django import forms
-from django.conf import global_settings, settings
+from django.conf import settings
 from django.contrib.auth.forms import PasswordResetForm
 from django.core.exceptions import ValidationError
 from django.core.mail import EmailMultiAlternatives, get_connection
@@ -18,8 +18,6 @@ from marketplace.catalog.selectors import catalog_model_list
 from marketplace.jobs.models import Verification
 
 logger = logging.getLogger(__name__)
-
-CONSOLE_EMAIL = "django.core.mail.backends.console.EmailBackend"
 
 
 def form_errors_from(form: forms.Form, exc: ValidationError, *, rename: dict[str, str] | None = None) -> None:
@@ -42,8 +40,8 @@ class SignupForm(forms.Form):
 
 
 class ConsolePasswordResetForm(PasswordResetForm):
-    """Sends through the configured email backend; with none configured (Django's SMTP default,
-    which points at nothing here), the link goes to the server's console, as in development."""
+    """Sends through the configured email backend (the server's console unless DJANGO_EMAIL_BACKEND
+    names another); a mail server that fails is logged, and the page says the same either way."""
 
     def send_mail(
         self,
@@ -54,12 +52,9 @@ class ConsolePasswordResetForm(PasswordResetForm):
         to_email: str,
         html_email_template_name: str | None = None,
     ) -> None:
-        backend = None if settings.EMAIL_BACKEND != global_settings.EMAIL_BACKEND else CONSOLE_EMAIL
         subject = "".join(loader.render_to_string(subject_template_name, context).splitlines())
         body = loader.render_to_string(email_template_name, context)
-        message = EmailMultiAlternatives(
-            subject, body, from_email, [to_email], connection=get_connection(backend)
-        )
+        message = EmailMultiAlternatives(subject, body, from_email, [to_email], connection=get_connection())
         try:
             message.send()
         except Exception:

@@ -157,8 +157,8 @@ def job_rows_for_buyer(*, buyer: User, limit: int = 100) -> list[dict[str, Any]]
         {
             "job": job,
             "percent": progress_percent(job.items_done, job.items_total),
-            "spent": money(costs[str(job.pk)]["spent_minor"]) if str(job.pk) in costs else "—",
-            "held": money(costs[str(job.pk)]["in_escrow_minor"]) if str(job.pk) in costs else "—",
+            "spent": money(costs[str(job.pk)]["spent_minor"]) if str(job.pk) in costs else money(0),
+            "held": money(costs[str(job.pk)]["in_escrow_minor"]) if str(job.pk) in costs else money(0),
             "energy_wh": round(energy.get(job.pk) or 0.0, 3),
         }
         for job in jobs
@@ -179,7 +179,7 @@ def job_live(*, job: Job) -> dict[str, Any]:
             :TIMELINE_MAX_TASKS
         ]
     )
-    cost = next((row for row in usage_by_job(buyer=job.buyer) if str(row["job_id"]) == str(job.pk)), None)
+    cost = summary["cost"]
     return {
         "id": summary["id"],
         "status": job.status,
@@ -191,8 +191,8 @@ def job_live(*, job: Job) -> dict[str, Any]:
         "attempts": summary["task_attempts"],
         "energy_wh": summary["energy"]["wh"],
         "failure_reason": job.failure_reason,
-        "spent": money(cost["spent_minor"]) if cost else "—",
-        "held": money(cost["in_escrow_minor"]) if cost else "—",
+        "spent": money(cost["charged_minor"]),
+        "held": money(cost["in_escrow_minor"]),
         "timeline": [
             {
                 "index": t["index"],

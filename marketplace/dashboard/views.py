@@ -7,7 +7,6 @@ page data comes from marketplace.dashboard.selectors. Live parts refresh themsel
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -170,18 +169,10 @@ def jobs(request: HttpRequest) -> HttpResponse:
     )
 
 
-def _spec_kwargs(form: NewJobForm) -> dict[str, Any]:
-    """Optional limits the jobs service may not know yet (max price arrives with billing's
-    holds); passed on only when check_job_spec takes them."""
-    accepted = inspect.signature(check_job_spec).parameters
+def _max_price_minor(form: NewJobForm) -> int | None:
+    """The form's max price per 1k items (in currency units, two decimals) as minor units."""
     price = form.cleaned_data.get("max_price_per_1k")
-    if price is None:
-        return {}
-    if "max_price_per_1k_minor" not in accepted:
-        raise ValidationError(
-            {"max_price_per_1k": ["this server does not take a price limit yet; leave it empty"]}
-        )
-    return {"max_price_per_1k_minor": int(price * 100)}
+    return None if price is None else int(price * 100)
 
 
 @login_required
@@ -202,7 +193,7 @@ def job_new(request: HttpRequest) -> HttpResponse:
                 verification=data.get("verification") or None,
                 spot_fraction=data.get("spot_fraction"),
                 replicas=data.get("replicas"),
-                **_spec_kwargs(form),
+                max_price_per_1k_minor=_max_price_minor(form),
             )
             job = job_submit(buyer=buyer, spec=spec)
         except ValidationError as exc:

@@ -12,8 +12,10 @@ from django.test import Client
 from rest_framework.test import APIClient
 
 from marketplace.accounts.models import ApiKey
+from marketplace.dashboard.selectors import money
 from marketplace.hosts.models import EnrollmentToken
 from marketplace.jobs.models import Job
+from tests.conftest import TEST_CREDIT_MINOR
 
 pytestmark = pytest.mark.django_db
 
@@ -246,7 +248,7 @@ def test_the_billing_page_shows_credit_from_stripe_and_the_spend_per_day(
     api: APIClient, buyer: Any, host_owner: Any, host: Any, catalog: Any, settings: Any
 ) -> None:
     from marketplace.billing.fake_stripe import FakeStripe
-    from marketplace.billing.services import escrow_capture, escrow_hold, topup_create
+    from marketplace.billing.services import escrow_capture, topup_create
 
     fake = FakeStripe().start()
     try:
@@ -262,13 +264,20 @@ def test_the_billing_page_shows_credit_from_stripe_and_the_spend_per_day(
         assert landed["Location"] == "/billing/"
     finally:
         fake.stop()
-    job_id = _submit(api, ["a"])
-    escrow_hold(job_id=job_id, buyer=buyer, amount_minor=500)
+    # Five items at 100.00 USD per 1k hold 0.50 USD of escrow at submit.
+    response = api.post(
+        "/api/v1/jobs",
+        {"model": "all-MiniLM-L6-v2", "inputs": list("abcde"), "max_price_per_1k_minor": 100_000},
+        format="json",
+    )
+    assert response.status_code == 201, response.content
+    job_id = str(response.json()["id"])
     escrow_capture(
         run_id="run-1", job_id=job_id, buyer=buyer, host_owner=host_owner, host_id=host.pk, amount_minor=250
     )
     page = browser.get("/billing/").content.decode()
-    assert re.search(r'data-stat="credit">5\.00 USD<', page)
+    # The test credit, plus the top-up, less the escrow held.
+    assert f'data-stat="credit">{money(TEST_CREDIT_MINOR + 1000 - 500)}<' in page
     assert 'aria-label="Spend per day, last 30 days: 2.50 USD in all"' in page
     assert "2.50 USD" in browser.get("/jobs/").content.decode()  # the job's cost
     machine = _logged_in(host_owner).get(f"/machines/{host.pk}/").content.decode()

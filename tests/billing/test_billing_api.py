@@ -113,8 +113,10 @@ def test_statements_download_as_csv(api, fake_stripe, buyer, host):
     assert response["Content-Type"].startswith("text/csv")
     assert "attachment" in response["Content-Disposition"]
     lines = response.content.decode().splitlines()
-    assert lines[0].startswith("job_id,held_at,held_minor,spent_minor,released_minor")
-    assert lines[1].startswith(f"{job},") and ",4000,2500,1500,0,usd" in lines[1]
+    assert lines[0].startswith(
+        "job_id,held_at,held_minor,spent_minor,reversed_minor,released_minor,in_escrow_minor"
+    )
+    assert lines[1].startswith(f"{job},") and ",4000,2500,0,1500,0,usd" in lines[1]
 
 
 def test_host_earnings_per_day_and_payout_history(host_api, fake_stripe, buyer, host):

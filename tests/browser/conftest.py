@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from marketplace.billing.fake_stripe import FakeStripe
-from marketplace.devstack import ROOT, AgentProcess, LocalStack
+from marketplace.devstack import ROOT, AgentProcess, LocalStack, free_port
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -50,18 +50,30 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(scope="package")
-def fake_stripe() -> Iterator[FakeStripe]:
-    fake = FakeStripe().start()
+def stack_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="package")
+def fake_stripe(stack_port: int) -> Iterator[FakeStripe]:
+    """Stripe as the browser meets it; it delivers its signed webhooks to the stack, as Stripe does."""
+    fake = FakeStripe(
+        webhook_url=f"http://127.0.0.1:{stack_port}/api/v1/billing/stripe/webhook",
+        webhook_secret=WEBHOOK_SECRET,
+    ).start()
     yield fake
     fake.stop()
 
 
 @pytest.fixture(scope="package")
-def stack(tmp_path_factory: pytest.TempPathFactory, fake_stripe: FakeStripe) -> Iterator[LocalStack]:
+def stack(
+    tmp_path_factory: pytest.TempPathFactory, stack_port: int, fake_stripe: FakeStripe
+) -> Iterator[LocalStack]:
     from tests.integration.conftest import TEST_SETTINGS
 
     stack = LocalStack(
         workdir=tmp_path_factory.mktemp("browser-stack"),
+        port=stack_port,
         settings_env={
             **TEST_SETTINGS,
             "HEARTH_POWER_INTERVAL_S": "0.5",

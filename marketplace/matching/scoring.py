@@ -8,10 +8,15 @@ the hosts that pass, in parts an operator can read.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TypeVar
 
 from hearth_agent.policy import EnergyPolicy, PowerState, Verdict, is_green, work_allowed
+
+K = TypeVar("K", bound=Hashable)
 
 
 @dataclass(frozen=True)
@@ -226,3 +231,28 @@ def match_score(task: TaskView, host: HostView) -> ScoreParts:
 
 def _unit(value: float) -> float:
     return min(1.0, max(0.0, value))
+
+
+# ---- fairness across buyers ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BuyerQueue:
+    """One buyer's side of a claim round: what it has in flight and what it has waiting."""
+
+    leased: int  # tasks of the buyer's running now, on any host
+    queued: int  # of its tasks, how many this host could take
+    oldest: datetime  # when its oldest waiting job was submitted: breaks ties, first come first served
+
+
+def fair_shares(queues: dict[K, BuyerQueue], slots: int) -> dict[K, int]:
+    """How many of `slots` each buyer gets: one at a time to the buyer with the fewest tasks in flight
+    (counting the ones given in this round), so a buyer with a huge job cannot starve a small one."""
+    given: Counter[K] = Counter()
+    for _ in range(slots):
+        waiting = [key for key, queue in queues.items() if given[key] < queue.queued]
+        if not waiting:
+            break
+        turn = min(waiting, key=lambda key: (queues[key].leased + given[key], queues[key].oldest))
+        given[turn] += 1
+    return dict(given)

@@ -18,8 +18,11 @@ URL = "/api/v1/operator/dispatch/explain"
 
 @pytest.fixture
 def operator_api(db: Any) -> APIClient:
+    from marketplace.accounts.services import api_key_create
+
+    staff = UserFactory.create(is_staff=True)
     client = APIClient()
-    client.force_authenticate(user=UserFactory(is_staff=True))
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {api_key_create(user=staff, name='ops').plaintext}")
     return client
 
 

@@ -14,9 +14,10 @@ from django.utils import timezone
 from hearth_agent.policy import PowerState, Verdict
 from marketplace.hosts.models import Host
 from marketplace.hosts.services import host_policy
-from marketplace.jobs.models import Job, Task
-from marketplace.jobs.states import JobStatus, TaskStatus
+from marketplace.jobs.models import Job, Task, TaskRole
+from marketplace.jobs.states import JOB_ACTIVE, JobStatus, TaskStatus
 from marketplace.matching.scoring import HostView, TaskView, match_score, pair_rejection, queued_reason
+from marketplace.trust.services import host_trusted
 
 
 def host_view(host: Host, *, now: datetime, leased: int | None = None) -> HostView:
@@ -86,12 +87,40 @@ def job_queued_reason(*, job: Job, now: datetime | None = None) -> str | None:
 
 
 def dispatch_explain(*, task: Task, host: Host, now: datetime | None = None) -> dict[str, Any]:
-    """Whether `host` may run `task`, the filter that says no, and the score's parts."""
-    view = host_view(host, now=now or timezone.now())
+    """Whether `host` may run `task`, the filter that says no, and the score's parts.
+
+    Beside the pure filter, the claim's rules about this task's state and its other runs."""
+    now = now or timezone.now()
+    view = host_view(host, now=now)
     wants = task_view(task.job)
-    rejected_by = pair_rejection(wants, view)
+    rejected_by = _task_rejection(task=task, host=host, now=now) or pair_rejection(wants, view)
+    if rejected_by is None:
+        rejected_by = _runs_rejection(task=task, host=host, now=now)
     return {
         "eligible": rejected_by is None,
         "rejected_by": rejected_by,
         "score": asdict(match_score(wants, view)),
     }
+
+
+def _task_rejection(*, task: Task, host: Host, now: datetime) -> str | None:
+    if task.role == TaskRole.CANARY:
+        return "a canary is made for one host when it is leased; it is never dispatched"
+    if task.status != TaskStatus.QUEUED:
+        return f"task is {task.status}, not queued"
+    if task.job.status not in JOB_ACTIVE:
+        return f"job is {task.job.status}"
+    if not task.job.model.is_active:
+        return f"model {task.job.model.name} is not active"
+    if task.job.status == JobStatus.QUEUED and task.job.deadline is not None and task.job.deadline <= now:
+        return "job's deadline passed"
+    return None
+
+
+def _runs_rejection(*, task: Task, host: Host, now: datetime) -> str | None:
+    ran_here = Task.objects.filter(group=task.group).filter(Q(leased_to=host) | Q(completed_by=host))
+    if task.group is not None and ran_here.exists():
+        return "host already ran these inputs (the runs of one input go to different hosts)"
+    if task.needs_trusted and not host_trusted(host=host, now=now):
+        return "a tie-break runs only on a trusted host"
+    return None

@@ -65,6 +65,19 @@ def test_it_names_the_filter_that_rejects_a_host(
     assert "total" in body["score"]
 
 
+def test_it_says_when_the_task_itself_is_not_dispatchable(operator_api: APIClient, task: Task) -> None:
+    machine = host(region="eu-west")
+    Task.objects.filter(pk=task.pk).update(status="leased")
+    assert _explain(operator_api, task, machine).json()["rejected_by"] == "task is leased, not queued"
+    Task.objects.filter(pk=task.pk).update(status="queued", needs_trusted=True)
+    untrusted = host(region="eu-west", reliability=0.1)
+    assert _explain(operator_api, task, untrusted).json()["rejected_by"] == (
+        "a tie-break runs only on a trusted host"
+    )
+    Task.objects.filter(pk=task.pk).update(needs_trusted=False, completed_by=machine)
+    assert _explain(operator_api, task, machine).json()["rejected_by"].startswith("host already ran these")
+
+
 def test_it_answers_401_without_credentials(task: Task, host: Any) -> None:
     assert _explain(APIClient(), task, host).status_code == 401
 

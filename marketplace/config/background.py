@@ -1,4 +1,4 @@
-"""The periodic work: lease reaper, offline sweeper, re-benchmark requests.
+"""The periodic work: lease reaper, offline sweeper, deadlines, re-benchmark requests.
 
 Under Celery, beat schedules `marketplace.jobs.tasks.*`; in the embedded
 default the ASGI process runs the same functions on an asyncio loop.
@@ -21,7 +21,7 @@ def sweep_once() -> tuple[int, int]:
     from marketplace.billing.services import earnings_mature
     from marketplace.hosts.power import power_rollup
     from marketplace.hosts.services import hosts_sweep_offline
-    from marketplace.jobs.services import leases_requeue_expired
+    from marketplace.jobs.services import jobs_fail_past_deadline, leases_requeue_expired
     from marketplace.trust.selectors import owners_with_withheld_earnings
     from marketplace.trust.services import hosts_request_benchmark
 
@@ -30,6 +30,9 @@ def sweep_once() -> tuple[int, int]:
     # Pending host earnings past the verification window become available, except a quarantined
     # machine's owner's, which wait for review.
     earnings_mature(now=timezone.now(), withheld_owner_ids=owners_with_withheld_earnings())
+    past_deadline = jobs_fail_past_deadline(now=timezone.now())
+    if past_deadline:
+        logger.info("sweep: %d queued jobs failed past their deadline", past_deadline)
     return leases_requeue_expired(), hosts_sweep_offline()
 
 

@@ -26,6 +26,7 @@ from marketplace.hosts.apis import (
     HostRevokeApi,
 )
 from marketplace.jobs.apis import JobCancelApi, JobDetailApi, JobListCreateApi, JobResultsApi
+from marketplace.matching.apis import DispatchExplainApi
 
 api_v1 = [
     path("auth/signup", SignupApi.as_view(), name="signup"),
@@ -42,6 +43,7 @@ api_v1 = [
     path("hosts/<str:host_id>/policy", HostPolicyApi.as_view(), name="host-policy"),
     path("hosts/<str:host_id>/power", HostPowerApi.as_view(), name="host-power"),
     path("hosts/<str:host_id>/reliability", HostReliabilityApi.as_view(), name="host-reliability"),
+    path("operator/dispatch/explain", DispatchExplainApi.as_view(), name="operator-dispatch-explain"),
     path("agents/enroll", AgentEnrollApi.as_view(), name="agent-enroll"),
     path("agents/models/<str:sha256>", ModelManifestApi.as_view(), name="model-manifest"),
     path("billing/balance", BalanceApi.as_view(), name="billing-balance"),

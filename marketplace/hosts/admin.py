@@ -14,6 +14,7 @@ class HostAdmin(admin.ModelAdmin):
         "status",
         "ready",
         "device",
+        "region",
         "verified_at",
         "reliability",
         "quarantined_at",

@@ -57,6 +57,7 @@ def _host_json(host: Host) -> dict[str, Any]:
         "device": host.device,
         "slots": host.slots,
         "memory_mb": host.memory_mb,
+        "region": host.region,
         "isolation": host.isolation,
         "draining": host.draining,
         "draining_reason": host.draining_reason,

@@ -58,6 +58,9 @@ class Host(models.Model):
 
     # The owner's side: energy policy (hearth_agent.policy.EnergyPolicy as JSON) and drain.
     policy = models.JSONField(default=dict, blank=True)
+    region = models.CharField(
+        max_length=32, blank=True, default="", help_text="where the machine is; jobs may ask for a region"
+    )
     draining = models.BooleanField(default=False)
     draining_reason = models.CharField(max_length=200, blank=True, default="")
 

@@ -99,6 +99,9 @@ class JobListCreateApi(APIView):
                 spot_fraction=_number(data.get("spot_fraction"), "spot_fraction"),
                 replicas=_number(data.get("replicas"), "replicas"),
                 max_price_per_1k_minor=_number(data.get("max_price_per_1k_minor"), "max_price_per_1k_minor"),
+                priority=_number(data.get("priority"), "priority"),
+                deadline=data.get("deadline"),
+                region=data.get("region"),
             )
         except JobTooLarge as exc:
             raise PayloadTooLarge(str(exc)) from exc

@@ -49,6 +49,15 @@ class Job(models.Model):
     max_price_per_1k_minor = models.PositiveIntegerField(
         default=0, help_text="the most the buyer pays per 1,000 items per run, minor units"
     )
+    region = models.CharField(
+        max_length=32, blank=True, default="", help_text="run only on hosts in this region; blank: any"
+    )
+    priority = models.PositiveSmallIntegerField(
+        default=5, help_text="0-9: among the same buyer's jobs, higher is dispatched first"
+    )
+    deadline = models.DateTimeField(
+        null=True, blank=True, help_text="a job still queued at this time fails with 'deadline passed'"
+    )
     escrow_minor = models.PositiveBigIntegerField(
         default=0, help_text="held from the buyer's credit at submit: the worst case of the runs it pays"
     )

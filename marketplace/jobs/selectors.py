@@ -14,6 +14,7 @@ from marketplace.accounts.models import User
 from marketplace.billing.selectors import job_cost
 from marketplace.jobs.models import Job, Task, TaskRole, Verdict, Verification
 from marketplace.jobs.states import TaskStatus
+from marketplace.matching.selectors import job_queued_reason
 
 
 def job_list_for_buyer(*, buyer: User) -> QuerySet[Job]:
@@ -87,6 +88,10 @@ def job_summary(*, job: Job) -> dict[str, Any]:
         "verification": job_verification(job=job),
         "energy": job_energy(job=job),
         "max_price_per_1k_minor": job.max_price_per_1k_minor,
+        "priority": job.priority,
+        "deadline": job.deadline,
+        "region": job.region,
+        "queued_reason": job_queued_reason(job=job),
         "cost": job_cost(job_id=str(job.pk), buyer_id=job.buyer_id),
         "failure_reason": job.failure_reason,
         "created_at": job.created_at,

@@ -9,9 +9,10 @@ the "was this the last task?" question per job.
 from __future__ import annotations
 
 import logging
+import re
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.conf import settings
@@ -20,6 +21,7 @@ from django.db import transaction
 from django.db.models import F, Value
 from django.db.models.functions import Least
 from django.utils import timezone
+from django.utils.dateparse import parse_datetime
 
 from hearth_agent import protocol
 from marketplace.accounts.models import User
@@ -50,6 +52,9 @@ class JobSpec:
     spot_fraction: float = 0.0
     replicas: int = 1
     max_price_per_1k_minor: int = 0
+    priority: int = 5
+    deadline: datetime | None = None
+    region: str = ""
 
 
 class JobTooLarge(ValueError):
@@ -95,6 +100,9 @@ def check_job_spec(
     spot_fraction: object = None,
     replicas: object = None,
     max_price_per_1k_minor: object = None,
+    priority: object = None,
+    deadline: object = None,
+    region: object = None,
 ) -> JobSpec:
     """Validate a job request; raise ValidationError naming the field, or JobTooLarge."""
     model = catalog_model_get_by_name(name=model_name) if isinstance(model_name, str) else None
@@ -125,6 +133,9 @@ def check_job_spec(
     )
     price = check_max_price(max_price_per_1k_minor)
     return JobSpec(
+        priority=check_priority(priority),
+        deadline=check_deadline(deadline, now=timezone.now()),
+        region=check_region(region),
         model=model,
         inputs=inputs,
         task_size=size,
@@ -152,6 +163,51 @@ def check_max_price(raw: object) -> int:
     return raw
 
 
+PRIORITY_MIN, PRIORITY_MAX, PRIORITY_DEFAULT = 0, 9, 5
+_REGION = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
+
+
+def check_priority(raw: object) -> int:
+    """0-9, higher first among the buyer's own jobs; ValidationError naming the field."""
+    if raw is None:
+        return PRIORITY_DEFAULT
+    if isinstance(raw, bool) or not isinstance(raw, int) or not PRIORITY_MIN <= raw <= PRIORITY_MAX:
+        raise ValidationError(
+            {"priority": [f"priority must be an integer from {PRIORITY_MIN} to {PRIORITY_MAX}"]}
+        )
+    return raw
+
+
+def check_deadline(raw: object, *, now: datetime) -> datetime | None:
+    """An ISO 8601 date and time in the future (UTC when it names no offset), or None."""
+    if raw is None or raw == "":
+        return None
+    parsed = parse_datetime(raw) if isinstance(raw, str) else None
+    if parsed is None:
+        raise ValidationError(
+            {"deadline": ["deadline must be an ISO 8601 date and time, e.g. 2030-01-31T18:00:00Z"]}
+        )
+    if timezone.is_naive(parsed):
+        parsed = timezone.make_aware(parsed, UTC)
+    if parsed <= now:
+        raise ValidationError({"deadline": [f"deadline {raw} is not in the future"]})
+    return parsed
+
+
+def check_region(raw: object) -> str:
+    """A region name (lowercase letters, digits, dashes, up to 32), or blank for any region."""
+    if raw is None:
+        return ""
+    if not isinstance(raw, str):
+        raise ValidationError({"region": ["region must be a string such as 'eu-west'"]})
+    region = raw.strip().lower()
+    if region and not _REGION.fullmatch(region):
+        raise ValidationError(
+            {"region": ["region must be up to 32 lowercase letters, digits and dashes, such as 'eu-west'"]}
+        )
+    return region
+
+
 @transaction.atomic
 def job_submit(*, buyer: User, spec: JobSpec) -> Job:
     """Create the job and its tasks and hold its worst case in escrow, in one transaction; then wake
@@ -166,6 +222,9 @@ def job_submit(*, buyer: User, spec: JobSpec) -> Job:
         spot_fraction=spec.spot_fraction,
         replicas=spec.replicas,
         max_price_per_1k_minor=spec.max_price_per_1k_minor,
+        priority=spec.priority,
+        deadline=spec.deadline,
+        region=spec.region,
     )
     primaries = [
         Task(
@@ -248,6 +307,20 @@ def job_cancel(*, job: Job) -> Job:
     )
     job.refresh_from_db()
     return job
+
+
+def jobs_fail_past_deadline(*, now: datetime | None = None) -> int:
+    """Fail every job still queued at its deadline ("deadline passed"), releasing its escrow as any
+    failed job does. Idempotent: a job already failed, cancelled or started is left alone."""
+    now = now or timezone.now()
+    due = Job.objects.filter(status=JobStatus.QUEUED, deadline__lte=now).values_list("pk", flat=True)
+    failed = 0
+    for job_id in list(due):
+        with transaction.atomic():
+            locked = Job.objects.select_for_update().filter(pk=job_id, status=JobStatus.QUEUED).first()
+            if locked is not None and job_fail(job_id=job_id, reason="deadline passed", now=now):
+                failed += 1
+    return failed
 
 
 # ---- leases: release, requeue, renew ------------------------------------------

@@ -1,15 +1,22 @@
-"""Which hosts may run a task: pure functions over plain data, no ORM.
+"""Which hosts may run a task, and how well they suit it: pure functions over plain data, no ORM.
 
 The energy rules are `hearth_agent.policy`'s, the same functions the agent
 runs locally, so the server and the agent agree on why a host is idle.
-Scoring by price, throughput and reliability arrives with the matcher issue.
+`pair_rejection` is the hard filter (a reason, or None); `match_score` ranks
+the hosts that pass, in parts an operator can read.
 """
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TypeVar
 
 from hearth_agent.policy import EnergyPolicy, PowerState, Verdict, is_green, work_allowed
+
+K = TypeVar("K", bound=Hashable)
 
 
 @dataclass(frozen=True)
@@ -25,11 +32,29 @@ class HostView:
     quarantine_reason: str | None = None  # None: not quarantined
     hardware_ok: bool | None = None  # None: no benchmark yet
     hardware_reason: str = ""
+    verified: bool = True  # False: still on known-answer tasks, no buyer work
+    region: str = ""  # blank: the owner did not say
+    items_per_s: float | None = None  # measured by the benchmark; None: not measured
+    reliability: float | None = None  # 0..1 (marketplace.trust.scoring); None: no score yet
+
+    @property
+    def price_per_1k_minor(self) -> int:
+        return self.policy.price_per_1k_items_minor
 
 
 @dataclass(frozen=True)
 class ModelNeeds:
     min_memory_mb: int
+
+
+@dataclass(frozen=True)
+class TaskView:
+    """What a task asks of its host: its job's limits."""
+
+    min_memory_mb: int
+    max_price_per_1k_minor: int
+    green_only: bool = False
+    region: str = ""  # blank: any region
 
 
 def free_slots(host: HostView) -> int:
@@ -66,3 +91,168 @@ def host_can_run(host: HostView, model: ModelNeeds, *, green_only: bool = False)
     if green_only and not is_green(host.power):
         return "job is green-only and the host is not running on solar/battery now"
     return None
+
+
+# ---- the hard filter for one task and one host ---------------------------------------
+
+
+def _takes_work(task: TaskView, host: HostView) -> str | None:
+    verdict = host_takes_work(host)
+    return None if verdict.allowed else verdict.reason
+
+
+def _verified(task: TaskView, host: HostView) -> str | None:
+    return None if host.verified else "host is not verified yet (it runs known-answer tasks only)"
+
+
+def _memory(task: TaskView, host: HostView) -> str | None:
+    if host.memory_mb < task.min_memory_mb:
+        return f"host has {host.memory_mb} MB, model needs {task.min_memory_mb} MB"
+    return None
+
+
+def _region(task: TaskView, host: HostView) -> str | None:
+    if task.region and host.region != task.region:
+        return f"job asks region {task.region!r}, host is in {host.region or 'no region'!r}"
+    return None
+
+
+def _green(task: TaskView, host: HostView) -> str | None:
+    if task.green_only and not is_green(host.power):
+        return "job is green-only and the host is not running on solar/battery now"
+    return None
+
+
+def _price(task: TaskView, host: HostView) -> str | None:
+    if host.price_per_1k_minor > task.max_price_per_1k_minor:
+        return (
+            f"host asks {host.price_per_1k_minor} per 1k items, "
+            f"job pays at most {task.max_price_per_1k_minor}"
+        )
+    return None
+
+
+Filter = Callable[[TaskView, HostView], str | None]
+
+# In this order: the first that fails is the reason given.
+FILTERS: tuple[tuple[str, Filter], ...] = (
+    ("takes_work", _takes_work),
+    ("verified", _verified),
+    ("memory", _memory),
+    ("region", _region),
+    ("green", _green),
+    ("price", _price),
+)
+
+
+def pair_rejection(task: TaskView, host: HostView) -> str | None:
+    """None when the host may run the task, else the reason of the first filter that fails."""
+    for _, check in FILTERS:
+        reason = check(task, host)
+        if reason is not None:
+            return reason
+    return None
+
+
+def queued_reason(task: TaskView, hosts: Sequence[HostView]) -> str | None:
+    """Why none of `hosts` (the online ones) can run the task, or None when one can.
+
+    The hosts pass through the filters in order; the reason is the first filter
+    that leaves none of them, said of the whole fleet rather than of one host.
+    """
+    if not hosts:
+        return "no host online"
+    left = list(hosts)
+    for name, check in FILTERS:
+        passed = [host for host in left if check(task, host) is None]
+        if not passed:
+            return _fleet_reason(name, task, left)
+        left = passed
+    return None
+
+
+def _fleet_reason(name: str, task: TaskView, hosts: list[HostView]) -> str:
+    if name == "takes_work":
+        return f"no online host takes work now (one says: {host_takes_work(hosts[0]).reason})"
+    if name == "verified":
+        return "no online host is verified yet"
+    if name == "memory":
+        return f"no online host has {task.min_memory_mb} MB"
+    if name == "region":
+        return f"no online host is in region {task.region!r}"
+    if name == "green":
+        return "no online host is on solar/battery now"
+    cheapest = min(host.price_per_1k_minor for host in hosts)
+    return f"no online host asks ≤ {task.max_price_per_1k_minor} per 1k items (cheapest online: {cheapest})"
+
+
+# ---- the score of a host that passed the filter -------------------------------------
+
+# Weights of the parts; they sum to 1, so a total is 0..1.
+WEIGHT_PRICE = 0.35
+WEIGHT_RELIABILITY = 0.25
+WEIGHT_THROUGHPUT = 0.2
+WEIGHT_ENERGY = 0.1
+WEIGHT_REGION = 0.1
+# Items/s at which the throughput part is half its weight: faster hosts approach the full weight.
+THROUGHPUT_HALF_ITEMS_PER_S = 200.0
+# The score of a host nobody has judged yet.
+RELIABILITY_UNKNOWN = 0.5
+
+
+@dataclass(frozen=True)
+class ScoreParts:
+    """Each part already weighted, so `total` is their sum (0..1)."""
+
+    price: float  # headroom under the job's max: paying less scores more
+    throughput: float  # measured items/s; 0 when not measured
+    reliability: float
+    energy: float  # running on solar/battery now
+    region: float  # in the region the job asked for
+    total: float
+
+
+def match_score(task: TaskView, host: HostView) -> ScoreParts:
+    """How well the host suits the task, higher better; meaningful for hosts `pair_rejection` passes."""
+    limit = task.max_price_per_1k_minor
+    headroom = (limit - host.price_per_1k_minor) / limit if limit > 0 else 0.0
+    rate = host.items_per_s or 0.0
+    parts = {
+        "price": WEIGHT_PRICE * _unit(headroom),
+        "throughput": WEIGHT_THROUGHPUT * rate / (rate + THROUGHPUT_HALF_ITEMS_PER_S),
+        "reliability": WEIGHT_RELIABILITY
+        * _unit(RELIABILITY_UNKNOWN if host.reliability is None else host.reliability),
+        "energy": WEIGHT_ENERGY if is_green(host.power) else 0.0,
+        "region": WEIGHT_REGION if task.region and host.region == task.region else 0.0,
+    }
+    rounded = {name: round(value, 4) for name, value in parts.items()}
+    return ScoreParts(**rounded, total=round(sum(parts.values()), 4))
+
+
+def _unit(value: float) -> float:
+    return min(1.0, max(0.0, value))
+
+
+# ---- fairness across buyers ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BuyerQueue:
+    """One buyer's side of a claim round: what it has in flight and what it has waiting."""
+
+    leased: int  # tasks of the buyer's running now, on any host
+    queued: int  # of its tasks, how many this host could take
+    oldest: datetime  # when its oldest waiting job was submitted: breaks ties, first come first served
+
+
+def fair_shares(queues: dict[K, BuyerQueue], slots: int) -> dict[K, int]:
+    """How many of `slots` each buyer gets: one at a time to the buyer with the fewest tasks in flight
+    (counting the ones given in this round), so a buyer with a huge job cannot starve a small one."""
+    given: Counter[K] = Counter()
+    for _ in range(slots):
+        waiting = [key for key, queue in queues.items() if given[key] < queue.queued]
+        if not waiting:
+            break
+        turn = min(waiting, key=lambda key: (queues[key].leased + given[key], queues[key].oldest))
+        given[turn] += 1
+    return dict(given)

@@ -1,9 +1,13 @@
-"""Claiming queued tasks for a host: atomic, lease-based.
+"""Claiming queued tasks for a host: atomic, lease-based, fair across buyers.
 
 On PostgreSQL the candidates are locked with `FOR UPDATE SKIP LOCKED`, so many
 claimers never wait on each other; on SQLite the write lock serialises them.
 Either way each task moves with `UPDATE … WHERE status = 'queued'` and a
 claimer only keeps the rows it actually moved.
+
+A round's free slots are shared out among buyers first (`fair_shares`: the
+buyer with the fewest tasks in flight goes next); within a buyer, higher
+priority, then older jobs, go first.
 """
 
 from __future__ import annotations
@@ -15,17 +19,17 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import Exists, OuterRef, Q
+from django.db.models import Count, Exists, Min, OuterRef, Q, QuerySet
 from django.utils import timezone
 
-from hearth_agent.policy import PowerState, Verdict, is_green
+from hearth_agent.policy import is_green
 from marketplace.catalog.models import CatalogModel
 from marketplace.hosts.models import Host
-from marketplace.hosts.services import host_policy
 from marketplace.jobs.models import Task, TaskRole
 from marketplace.jobs.services import job_mark_started
-from marketplace.jobs.states import JOB_ACTIVE, TaskStatus
-from marketplace.matching.scoring import HostView, ModelNeeds, free_slots, host_can_run
+from marketplace.jobs.states import JOB_ACTIVE, JobStatus, TaskStatus
+from marketplace.matching.scoring import BuyerQueue, HostView, fair_shares, free_slots, pair_rejection
+from marketplace.matching.selectors import host_view, task_view
 from marketplace.trust.scoring import canary_rate
 from marketplace.trust.services import canary_lease, host_trusted
 
@@ -40,38 +44,6 @@ class Assignment:
     model_name: str
     inputs: list[str]
     lease_expires_at: datetime
-
-
-def _host_view(host: Host, *, now: datetime) -> HostView:
-    leased = Task.objects.filter(leased_to=host, status=TaskStatus.LEASED).count()
-    stale_after = timedelta(seconds=3 * settings.HEARTH_POWER_INTERVAL_S)
-    fresh = host.power_at is not None and host.power_at >= now - stale_after
-    power = (
-        PowerState(
-            gpu_w=host.gpu_w,
-            battery_soc_pct=host.battery_soc_pct,
-            solar_w=host.solar_w,
-            grid_w=host.grid_w,
-            load_w=host.load_w,
-        )
-        if fresh
-        else None
-    )
-    return HostView(
-        ready=host.ready,
-        slots=host.slots,
-        leased=leased,
-        memory_mb=host.memory_mb,
-        draining=host.draining,
-        policy=host_policy(host=host),
-        power=power,
-        agent_verdict=Verdict(host.agent_work_allowed, host.agent_work_reason)
-        if fresh
-        else Verdict(True, ""),
-        quarantine_reason=host.quarantine_reason if host.quarantined_at is not None else None,
-        hardware_ok=host.hardware_ok,
-        hardware_reason=host.hardware_reason,
-    )
 
 
 def tasks_claim_for_host(
@@ -90,7 +62,7 @@ def tasks_claim_for_host(
         ).first()
         if host is None:
             return []
-        view = _host_view(host, now=now)
+        view = host_view(host, now=now)
         wanted = free_slots(view)
         if wanted == 0:
             return []
@@ -99,26 +71,7 @@ def tasks_claim_for_host(
             canary = _canary_for_unverified(host, now=now)
             return [_assignment(canary)] if canary is not None else []
         price = view.policy.price_per_1k_items_minor
-        candidates = Task.objects.filter(
-            status=TaskStatus.QUEUED,
-            job__status__in=JOB_ACTIVE,
-            job__max_price_per_1k_minor__gte=price,
-            job__model__is_active=True,
-            job__model__min_memory_mb__lte=host.memory_mb,
-        ).exclude(role=TaskRole.CANARY)
-        # Never two runs of the same inputs on one host; tie-breaks only on trusted hosts, first.
-        ran_here = Task.objects.filter(group=OuterRef("group")).filter(
-            Q(leased_to=host) | Q(completed_by=host)
-        )
-        candidates = candidates.exclude(Exists(ran_here))
-        if not host_trusted(host=host, now=now):
-            candidates = candidates.exclude(needs_trusted=True)
-        candidates = candidates.order_by("-needs_trusted", "job__created_at", "index")
-        if not is_green(view.power):
-            candidates = candidates.exclude(job__green_only=True)
-        if connection.features.has_select_for_update_skip_locked:
-            candidates = candidates.select_for_update(skip_locked=True, of=("self",))
-        rows = list(candidates.select_related("job__model")[:wanted])
+        rows = _fair_pick(_candidates(host, view, now=now), slots=wanted)
         expires = now + timedelta(seconds=settings.HEARTH_LEASE_SECONDS)
         assignments: list[Assignment] = []
         groups: set[uuid.UUID | None] = set()
@@ -126,8 +79,7 @@ def tasks_claim_for_host(
             host.pass_streak, high=settings.HEARTH_CANARY_RATE_MAX, low=settings.HEARTH_CANARY_RATE_MIN
         )
         for task in rows:
-            needs = ModelNeeds(min_memory_mb=task.job.model.min_memory_mb)
-            if host_can_run(view, needs, green_only=task.job.green_only) is not None or task.group in groups:
+            if pair_rejection(task_view(task.job), view) is not None or task.group in groups:
                 continue
             if not task.needs_trusted and _random.random() < rate:
                 # A canary in this task's place, shaped like it; the task stays queued for the next round.
@@ -152,6 +104,67 @@ def tasks_claim_for_host(
         started = {task.job_id for task in rows}
     job_mark_started(job_ids=started, now=now)
     return assignments
+
+
+def _candidates(host: Host, view: HostView, *, now: datetime) -> QuerySet[Task]:
+    """The queued tasks this host may run, unordered and unlocked: the database's half of the filter
+    (`pair_rejection` checks each picked row again)."""
+    candidates = Task.objects.filter(
+        status=TaskStatus.QUEUED,
+        job__status__in=JOB_ACTIVE,
+        job__max_price_per_1k_minor__gte=view.policy.price_per_1k_items_minor,
+        job__model__is_active=True,
+        job__model__min_memory_mb__lte=host.memory_mb,
+    ).exclude(role=TaskRole.CANARY)
+    candidates = candidates.filter(Q(job__region="") | Q(job__region=host.region))
+    # A queued job past its deadline is the sweep's to fail, not a host's to start.
+    candidates = candidates.filter(
+        Q(job__deadline__isnull=True) | Q(job__deadline__gt=now) | Q(job__status=JobStatus.RUNNING)
+    )
+    # Never two runs of the same inputs on one host; tie-breaks only on trusted hosts, first.
+    ran_here = Task.objects.filter(group=OuterRef("group")).filter(Q(leased_to=host) | Q(completed_by=host))
+    candidates = candidates.exclude(Exists(ran_here))
+    if not host_trusted(host=host, now=now):
+        candidates = candidates.exclude(needs_trusted=True)
+    if not is_green(view.power):
+        candidates = candidates.exclude(job__green_only=True)
+    return candidates
+
+
+def _fair_pick(candidates: QuerySet[Task], *, slots: int) -> list[Task]:
+    """Up to `slots` candidates, locked, shared out among their buyers by `fair_shares`."""
+    waiting = {
+        row["job__buyer_id"]: row
+        for row in candidates.order_by()
+        .values("job__buyer_id")
+        .annotate(queued=Count("id"), oldest=Min("job__created_at"))
+    }
+    if not waiting:
+        return []
+    in_flight = dict(
+        Task.objects.filter(status=TaskStatus.LEASED, job__buyer_id__in=waiting)
+        .exclude(role=TaskRole.CANARY)
+        .order_by()
+        .values("job__buyer_id")
+        .annotate(n=Count("id"))
+        .values_list("job__buyer_id", "n")
+    )
+    shares = fair_shares(
+        {
+            buyer_id: BuyerQueue(
+                leased=in_flight.get(buyer_id, 0), queued=row["queued"], oldest=row["oldest"]
+            )
+            for buyer_id, row in waiting.items()
+        },
+        slots,
+    )
+    ordered = candidates.order_by("-needs_trusted", "-job__priority", "job__created_at", "index")
+    if connection.features.has_select_for_update_skip_locked:
+        ordered = ordered.select_for_update(skip_locked=True, of=("self",))
+    rows: list[Task] = []
+    for buyer_id, share in shares.items():
+        rows.extend(ordered.filter(job__buyer_id=buyer_id).select_related("job__model")[:share])
+    return rows
 
 
 def _assignment(task: Task) -> Assignment:

@@ -207,6 +207,7 @@ def scenario(
     from django.test import override_settings
 
     from marketplace.accounts.models import User
+    from marketplace.billing.services import credit_grant
     from marketplace.catalog.models import CatalogModel
     from marketplace.trust.models import Strike
 
@@ -215,7 +216,9 @@ def scenario(
     model = CatalogModel.objects.get(name="all-MiniLM-L6-v2")
     _bank(model, truth)
     fleet = _fleet(hosts, cheaters, truth, seed)
-    buyer = User.objects.create(username=f"buyer-{seed}", email=f"buyer-{seed}@bench.local")
+    buyer = User.objects.create(username=f"buyer-{seed}", email=f"buyer-{seed}@bench.local", role="buyer")
+    # Enough credit for the job's escrow (what it costs is the billing bench's business).
+    credit_grant(user=buyer, amount_minor=10_000_000, key=f"bench-trust:{seed}", memo="bench credit")
     rate = {} if canaries else {"HEARTH_CANARY_RATE_MAX": 0.0, "HEARTH_CANARY_RATE_MIN": 0.0}
     started = time.perf_counter()
     with override_settings(**rate):

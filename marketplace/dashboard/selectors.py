@@ -16,7 +16,7 @@ from django.db.models import Count, Q, Sum
 from django.db.models.functions import TruncDate, TruncHour
 from django.utils import timezone
 
-from hearth_agent.policy import PowerState, is_green
+from hearth_agent.policy import is_green
 from marketplace.accounts.models import User
 from marketplace.billing.errors import format_minor
 from marketplace.billing.models import Account, Entry, LedgerTransaction
@@ -24,7 +24,7 @@ from marketplace.billing.selectors import balances_for_user, earnings_by_day, us
 from marketplace.catalog.models import CatalogModel
 from marketplace.catalog.selectors import catalog_model_list
 from marketplace.hosts.models import Host
-from marketplace.hosts.power import METERS, power_history
+from marketplace.hosts.power import METERS, power_history, power_latest
 from marketplace.hosts.selectors import host_list_for_owner
 from marketplace.hosts.services import host_policy
 from marketplace.jobs.models import Job, Task, TaskRole, Verification
@@ -39,12 +39,6 @@ TIMELINE_MAX_TASKS = 400
 
 def money(amount_minor: int | None) -> str:
     return "—" if amount_minor is None else format_minor(int(amount_minor), settings.HEARTH_CURRENCY)
-
-
-def _power_state(host: Host) -> PowerState | None:
-    if host.power_at is None:
-        return None
-    return PowerState(**{meter: getattr(host, meter) for meter in METERS})
 
 
 def _online_hosts() -> list[Host]:
@@ -88,7 +82,7 @@ def market_snapshot(*, now: datetime | None = None) -> dict[str, Any]:
     gpus = Counter(
         _gpu_label(h) for h in hosts for _ in range(max(1, len((h.capabilities or {}).get("gpus") or [])))
     )
-    green_ids = {h.pk for h in hosts if is_green(_power_state(h))}
+    green_ids = {h.pk for h in hosts if is_green(power_latest(h))}
     leased = list(
         Task.objects.filter(status=TaskStatus.LEASED, leased_to__in=hosts).values_list(
             "leased_to_id", flat=True
@@ -264,7 +258,7 @@ def machine_rows_for_owner(*, owner: User) -> list[dict[str, Any]]:
             "quarantined": host.quarantined_at is not None,
             "reliability_pct": round(100 * host.reliability),
             "gpu": _gpu_label(host),
-            "green": is_green(_power_state(host)),
+            "green": is_green(power_latest(host)),
             "policy": host_policy(host=host),
         }
         for host in hosts

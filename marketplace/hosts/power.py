@@ -17,11 +17,19 @@ from django.db.models import F, QuerySet, Sum
 from django.utils import timezone
 
 from hearth_agent import protocol
+from hearth_agent.policy import PowerState
 from marketplace.hosts.models import Host, PowerSample
 
 METERS = ("gpu_w", "battery_soc_pct", "solar_w", "grid_w", "load_w")
 MINUTE_RETENTION = timedelta(days=2)
 HOUR_RETENTION = timedelta(days=400)
+
+
+def power_latest(host: Host) -> PowerState | None:
+    """The host's last reading, or None when it never sent one."""
+    if host.power_at is None:
+        return None
+    return PowerState(**{meter: getattr(host, meter) for meter in METERS})
 
 
 def _bucket(at: datetime, resolution_s: int) -> datetime:

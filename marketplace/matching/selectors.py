@@ -11,8 +11,9 @@ from django.conf import settings
 from django.db.models import Count, Q
 from django.utils import timezone
 
-from hearth_agent.policy import PowerState, Verdict
+from hearth_agent.policy import Verdict
 from marketplace.hosts.models import Host
+from marketplace.hosts.power import power_latest
 from marketplace.hosts.services import host_policy
 from marketplace.jobs.models import Job, Task, TaskRole
 from marketplace.jobs.states import JOB_ACTIVE, JobStatus, TaskStatus
@@ -26,17 +27,7 @@ def host_view(host: Host, *, now: datetime, leased: int | None = None) -> HostVi
         leased = Task.objects.filter(leased_to=host, status=TaskStatus.LEASED).count()
     stale_after = timedelta(seconds=3 * settings.HEARTH_POWER_INTERVAL_S)
     fresh = host.power_at is not None and host.power_at >= now - stale_after
-    power = (
-        PowerState(
-            gpu_w=host.gpu_w,
-            battery_soc_pct=host.battery_soc_pct,
-            solar_w=host.solar_w,
-            grid_w=host.grid_w,
-            load_w=host.load_w,
-        )
-        if fresh
-        else None
-    )
+    power = power_latest(host) if fresh else None
     items_per_s = (host.benchmark or {}).get("minilm_items_per_s")
     return HostView(
         ready=host.ready,

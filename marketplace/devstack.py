@@ -94,6 +94,9 @@ class LocalStack:
     settings_env: dict[str, str] = field(default_factory=dict)
     port: int = 0
     quiet: bool = True
+    # Agents' model and benchmark cache; tests share one across stacks so each agent does not
+    # measure the same hardware again (each still verifies every model digest).
+    agent_cache: Path | None = None
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
     agents: list[AgentProcess] = field(default_factory=list)
     _server: subprocess.Popen[bytes] = field(init=False)
@@ -127,9 +130,18 @@ class LocalStack:
         self._env = _child_env(env)
         manage = [sys.executable, str(ROOT / "manage.py")]
         subprocess.run([*manage, "migrate", "--noinput", "-v0"], env=self._env, check=True, cwd=ROOT)
-        subprocess.run([*manage, "catalog_sync"], env=self._env, check=True, cwd=ROOT, capture_output=True)
-        # The wheel and systemd unit that /install.sh hands to new hosts.
-        subprocess.run([*manage, "agent_wheel"], env=self._env, check=True, cwd=ROOT, capture_output=True)
+        # The catalog (with its known-answer bank), and the wheel and systemd unit that /install.sh
+        # hands to new hosts: independent, so built side by side.
+        builds = {
+            command: subprocess.Popen(
+                [*manage, command], env=self._env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            )
+            for command in ("catalog_sync", "agent_wheel")
+        }
+        for command, build in builds.items():
+            output, _ = build.communicate()
+            if build.returncode != 0:
+                raise subprocess.CalledProcessError(build.returncode, command, output)
         self._spawn(
             "fake-stripe",
             [
@@ -327,7 +339,7 @@ class LocalStack:
         # Agents share one model cache in the demo and tests, as if the blobs
         # had been fetched before; each still verifies every digest.
         env = {key: value for key, value in self._env.items() if key not in {"DATABASE_URL", "REDIS_URL"}}
-        env.setdefault("HEARTH_AGENT_CACHE", str(self.workdir / "agent-cache"))
+        env.setdefault("HEARTH_AGENT_CACHE", str(self.agent_cache or self.workdir / "agent-cache"))
         return env
 
     def wait_hosts_ready(

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 from rest_framework.test import APIClient
 
 from tests.factories import HostFactory, UserFactory
+
+
+@pytest.fixture(scope="session")
+def agent_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One model and benchmark cache for every test stack's agents: the hardware is measured once
+    per session, not once per stack (tests of the benchmark itself use their own)."""
+    return tmp_path_factory.mktemp("shared-agent-cache")
 
 
 @pytest.fixture

@@ -67,13 +67,14 @@ def fake_stripe(stack_port: int) -> Iterator[FakeStripe]:
 
 @pytest.fixture(scope="package")
 def stack(
-    tmp_path_factory: pytest.TempPathFactory, stack_port: int, fake_stripe: FakeStripe
+    tmp_path_factory: pytest.TempPathFactory, stack_port: int, fake_stripe: FakeStripe, agent_cache: Path
 ) -> Iterator[LocalStack]:
     from tests.integration.conftest import TEST_SETTINGS
 
     stack = LocalStack(
         workdir=tmp_path_factory.mktemp("browser-stack"),
         port=stack_port,
+        agent_cache=agent_cache,
         settings_env={
             **TEST_SETTINGS,
             "HEARTH_POWER_INTERVAL_S": "0.5",

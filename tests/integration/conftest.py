@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -39,8 +40,10 @@ TEST_SETTINGS = {
 
 
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    stack = LocalStack(workdir=tmp_path_factory.mktemp("stack"), settings_env=TEST_SETTINGS)
+def stack(tmp_path_factory: pytest.TempPathFactory, agent_cache: Path) -> Iterator[LocalStack]:
+    stack = LocalStack(
+        workdir=tmp_path_factory.mktemp("stack"), settings_env=TEST_SETTINGS, agent_cache=agent_cache
+    )
     try:
         stack.start()
         yield stack

@@ -54,9 +54,12 @@ def _wait(predicate: Any, *, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
-def test_a_battery_under_the_reserve_stops_new_work_and_a_new_policy_resumes_it(tmp_path: Any) -> None:
+def test_a_battery_under_the_reserve_stops_new_work_and_a_new_policy_resumes_it(
+    tmp_path: Any, agent_cache: Any
+) -> None:
     stack = LocalStack(
         workdir=tmp_path,
+        agent_cache=agent_cache,
         settings_env={
             "HEARTH_POWER_INTERVAL_S": str(POWER_INTERVAL_S),
             "HEARTH_HEARTBEAT_INTERVAL_S": "1",

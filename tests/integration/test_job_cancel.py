@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import time
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
 
 from marketplace.devstack import LocalStack
+from tests.integration.conftest import TEST_SETTINGS
 
 pytestmark = pytest.mark.integration
 
@@ -24,6 +26,7 @@ def test_a_cancelled_job_stops_and_the_next_job_still_completes(stack: LocalStac
             assert time.monotonic() < deadline, "the job never started"
             time.sleep(0.1)
 
+        asked_at = datetime.now()
         cancelled = http.post(f"/api/v1/jobs/{big['id']}/cancel").json()
         assert cancelled["status"] == "cancelled"
         assert cancelled["tasks"]["queued"] == cancelled["tasks"]["leased"] == 0
@@ -41,4 +44,19 @@ def test_a_cancelled_job_stops_and_the_next_job_still_completes(stack: LocalStac
     # Leases held at the moment of cancel reached the agents as task.cancel frames; a batch that
     # finished in the meantime makes the agent log the cancel as one for a lease it no longer holds.
     cancel_lines = ("cancelled by the server (cancelled by the buyer)", "cancel for unknown lease")
-    assert any(line in agent.log() for agent in fleet for line in cancel_lines)
+    heard_at = [
+        _logged_at(line)
+        for agent in fleet
+        for line in agent.log().splitlines()
+        if any(text in line for text in cancel_lines) and _logged_at(line) >= asked_at
+    ]
+    assert heard_at, "no agent heard the cancel"
+    # Pushed to each holder's own channel, not picked up at the next heartbeat: the agents hear of
+    # it within one heartbeat interval of the buyer asking.
+    heartbeat = timedelta(seconds=float(TEST_SETTINGS["HEARTH_HEARTBEAT_INTERVAL_S"]))
+    assert min(heard_at) - asked_at <= heartbeat, min(heard_at) - asked_at
+
+
+def _logged_at(line: str) -> datetime:
+    """The agent logs `%(asctime)s …`: local time with milliseconds, like `datetime.now()`."""
+    return datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")

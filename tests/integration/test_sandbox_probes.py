@@ -12,10 +12,12 @@ pytestmark = pytest.mark.integration
 
 
 def test_a_contained_probe_fails_its_job_with_the_reason_and_the_agent_serves_the_next_job(
-    tmp_path: Any,
+    tmp_path: Any, agent_cache: Any
 ) -> None:
     stack = LocalStack(
-        workdir=tmp_path, settings_env={"HEARTH_HEARTBEAT_INTERVAL_S": "1", "HEARTH_MAX_ATTEMPTS": "2"}
+        workdir=tmp_path,
+        settings_env={"HEARTH_HEARTBEAT_INTERVAL_S": "1", "HEARTH_MAX_ATTEMPTS": "2"},
+        agent_cache=agent_cache,
     ).start()
     try:
         owner = stack.signup(email="probe-owner@example.com", role="host")

@@ -12,9 +12,10 @@ from marketplace.devstack import LocalStack
 pytestmark = pytest.mark.integration
 
 
-def test_agents_reconnect_after_a_server_crash_and_finish_the_job(tmp_path: Any) -> None:
+def test_agents_reconnect_after_a_server_crash_and_finish_the_job(tmp_path: Any, agent_cache: Any) -> None:
     stack = LocalStack(
         workdir=tmp_path,
+        agent_cache=agent_cache,
         settings_env={
             "HEARTH_HEARTBEAT_INTERVAL_S": "1",
             "HEARTH_SWEEP_INTERVAL_S": "0.5",

@@ -36,6 +36,7 @@ DEFAULT_BATCH_SIZES = [1, 8, 32]
 # Seconds each rate is measured for; the environment wins over the default so tests (and the
 # running agent's re-checks under test) can measure for ~0.2 s.
 SECONDS_ENV = "HEARTH_AGENT_BENCH_SECONDS"
+CPU_HALF_MATMUL_N = 256
 DEFAULT_SECONDS = 1.0
 # The allocation probe: doubling from 256 MiB on the CPU, touching every page, while the next step
 # is predicted to fit the time budget and stays under the cap and half of MemAvailable.
@@ -147,9 +148,9 @@ def _timed(step: Callable[[], object], sync: Callable[[], None], seconds: float)
 
 
 def matmul_gflops(
-    torch: Any, device: str, *, seconds: float = DEFAULT_SECONDS, dtype: str = "float32"
+    torch: Any, device: str, *, seconds: float = DEFAULT_SECONDS, dtype: str = "float32", n: int | None = None
 ) -> tuple[float, int]:
-    n = 4096 if device == "cuda" else 1024
+    n = n or (4096 if device == "cuda" else 1024)
     a = torch.randn(n, n, device=device, dtype=torch.float32).to(getattr(torch, dtype))
     b = torch.randn(n, n, device=device, dtype=torch.float32).to(getattr(torch, dtype))
     iterations, elapsed = _timed(lambda: a @ b, _synchronizer(torch, device), seconds)
@@ -167,9 +168,12 @@ def half_dtypes(torch: Any, device: str) -> list[str]:
 def half_matmul_gflops(torch: Any, device: str, *, seconds: float) -> tuple[float | None, str | None]:
     """The fastest safe half precision: (GFLOP/s, dtype name), or (None, None) if none runs."""
     best: tuple[float | None, str | None] = (None, None)
+    # A CPU without bfloat16 units runs it ~50x slower than float32: at the usual 1024 one product
+    # takes seconds (five of them ~35 s on this kind of machine), so the CPU measures a smaller one.
+    n = None if device == "cuda" else CPU_HALF_MATMUL_N
     for dtype in half_dtypes(torch, device):
         try:
-            gflops, _ = matmul_gflops(torch, device, seconds=seconds, dtype=dtype)
+            gflops, _ = matmul_gflops(torch, device, seconds=seconds, dtype=dtype, n=n)
         except RuntimeError as exc:  # an old CPU or torch build without the kernel
             log.info("no %s matmul on %s: %s", dtype, device, exc)
             continue

@@ -29,7 +29,7 @@ def test_agents_reconnect_after_a_server_crash_and_finish_the_job(tmp_path: Any,
         )
         stack.wait_hosts_ready(owner=owner, count=1)
         api_key = stack.buyer()
-        inputs = [f"restart item {i}" for i in range(3000)]
+        inputs = [f"restart item {i}" for i in range(1000)]
         with stack.client(headers={"Authorization": f"Bearer {api_key}"}) as http:
             job_id = http.post(
                 "/api/v1/jobs", json={"model": "all-MiniLM-L6-v2", "inputs": inputs, "task_size": 10}

@@ -19,6 +19,7 @@ from marketplace.hosts import install_views
 from marketplace.hosts.apis import (
     AgentEnrollApi,
     EnrollmentTokenCreateApi,
+    HostDetailApi,
     HostListApi,
     HostPolicyApi,
     HostPowerApi,
@@ -39,6 +40,7 @@ api_v1 = [
     path("jobs/<str:job_id>/cancel", JobCancelApi.as_view(), name="job-cancel"),
     path("hosts", HostListApi.as_view(), name="hosts"),
     path("hosts/enrollment-tokens", EnrollmentTokenCreateApi.as_view(), name="enrollment-tokens"),
+    path("hosts/<str:host_id>", HostDetailApi.as_view(), name="host-detail"),
     path("hosts/<str:host_id>/revoke", HostRevokeApi.as_view(), name="host-revoke"),
     path("hosts/<str:host_id>/policy", HostPolicyApi.as_view(), name="host-policy"),
     path("hosts/<str:host_id>/power", HostPowerApi.as_view(), name="host-power"),

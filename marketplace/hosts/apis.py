@@ -29,6 +29,7 @@ from marketplace.hosts.services import (
     host_policy,
     host_policy_update,
     host_token_revoke,
+    host_update,
 )
 from marketplace.trust.selectors import host_reliability, host_trust_summary
 
@@ -86,6 +87,19 @@ class EnrollmentTokenCreateApi(APIView):
 class HostListApi(APIView):
     def get(self, request: Request) -> Response:
         return Response([_host_json(h) for h in host_list_for_owner(owner=request_user(request))])
+
+
+class HostDetailApi(APIView):
+    """One of the owner's machines; PATCH changes its `name` or `region`."""
+
+    def get(self, request: Request, host_id: str) -> Response:
+        return Response(_host_json(_owned_host(request, host_id)))
+
+    def patch(self, request: Request, host_id: str) -> Response:
+        host = _owned_host(request, host_id)
+        if not isinstance(request.data, dict):
+            raise DRFValidationError({"detail": 'send a JSON object such as {"region": "eu-west"}'})
+        return Response(_host_json(host_update(host=host, changes=dict(request.data))))
 
 
 class HostRevokeApi(APIView):

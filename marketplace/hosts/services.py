@@ -17,6 +17,7 @@ from marketplace.accounts.models import User
 from marketplace.accounts.tokens import secret_digest, secret_issue
 from marketplace.gateway import notify
 from marketplace.hosts.models import EnrollmentToken, Host
+from marketplace.matching.regions import check_region
 from marketplace.trust.services import host_benchmark_record, score_update, session_end, session_start
 
 ENROLLMENT_KIND = "he"
@@ -203,6 +204,34 @@ def host_policy_update(*, host: Host, changes: dict[str, object]) -> EnergyPolic
         notify.on_commit_send(locked.channel_name, {"type": "agent.config"})
     host.refresh_from_db()
     return policy
+
+
+@transaction.atomic
+def host_update(*, host: Host, changes: dict[str, object]) -> Host:
+    """The owner's changes to a machine's listing: `name` and `region` (blank for none).
+
+    Raises ValidationError keyed by field, for unknown fields too; nothing is stored then. A
+    machine online in a new region is poked, since work that asked for that region may wait.
+    """
+    unknown = sorted(set(changes) - {"name", "region"})
+    if unknown:
+        raise ValidationError(
+            {field: ["not a field you can change here (name, region)"] for field in unknown}
+        )
+    fields: dict[str, object] = {}
+    if "region" in changes:
+        fields["region"] = check_region(changes["region"])
+    if "name" in changes:
+        name = changes["name"]
+        if not isinstance(name, str) or not name.strip() or len(name.strip()) > 100:
+            raise ValidationError({"name": ["name must be 1 to 100 characters"]})
+        fields["name"] = name.strip()
+    locked = Host.objects.select_for_update().get(pk=host.pk)
+    Host.objects.filter(pk=host.pk).update(**fields)
+    if fields.get("region", locked.region) != locked.region and locked.channel_name:
+        notify.on_commit_send(locked.channel_name, {"type": "dispatch.poke"})
+    host.refresh_from_db()
+    return host
 
 
 def host_set_draining(*, host_id: uuid.UUID, channel_name: str, payload: protocol.DrainPayload) -> None:

@@ -9,7 +9,6 @@ the "was this the last task?" question per job.
 from __future__ import annotations
 
 import logging
-import re
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -33,6 +32,7 @@ from marketplace.hosts.models import Host
 from marketplace.jobs.metering import escrow_worst_case, job_escrow_release
 from marketplace.jobs.models import Job, Task, TaskRole, Verification
 from marketplace.jobs.states import JOB_TRANSITIONS, JobStatus, TaskStatus, sources_of
+from marketplace.matching.regions import check_region
 from marketplace.trust.models import Strike
 from marketplace.trust.verification import canary_judge, group_settle, replicas_build, replicas_plan
 
@@ -164,7 +164,6 @@ def check_max_price(raw: object) -> int:
 
 
 PRIORITY_MIN, PRIORITY_MAX, PRIORITY_DEFAULT = 0, 9, 5
-_REGION = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
 
 
 def check_priority(raw: object) -> int:
@@ -192,20 +191,6 @@ def check_deadline(raw: object, *, now: datetime) -> datetime | None:
     if parsed <= now:
         raise ValidationError({"deadline": [f"deadline {raw} is not in the future"]})
     return parsed
-
-
-def check_region(raw: object) -> str:
-    """A region name (lowercase letters, digits, dashes, up to 32), or blank for any region."""
-    if raw is None:
-        return ""
-    if not isinstance(raw, str):
-        raise ValidationError({"region": ["region must be a string such as 'eu-west'"]})
-    region = raw.strip().lower()
-    if region and not _REGION.fullmatch(region):
-        raise ValidationError(
-            {"region": ["region must be up to 32 lowercase letters, digits and dashes, such as 'eu-west'"]}
-        )
-    return region
 
 
 @transaction.atomic

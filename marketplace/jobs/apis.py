@@ -17,7 +17,13 @@ from marketplace.accounts.authentication import request_user
 from marketplace.config.api_errors import Conflict, PayloadTooLarge
 from marketplace.jobs.inputs import inputs_from_jsonl
 from marketplace.jobs.models import Job
-from marketplace.jobs.selectors import job_get_for_buyer, job_list_for_buyer, job_results_jsonl, job_summary
+from marketplace.jobs.selectors import (
+    job_get_for_buyer,
+    job_list_for_buyer,
+    job_results_jsonl,
+    job_summaries,
+    job_summary,
+)
 from marketplace.jobs.services import JobTooLarge, check_job_spec, job_cancel, job_submit
 from marketplace.jobs.states import JobStatus
 
@@ -63,7 +69,7 @@ class JobListCreateApi(APIView):
     parser_classes = [JSONParser, MultiPartParser, FormParser]
 
     def get(self, request: Request) -> Response:
-        return Response([job_summary(job=j) for j in job_list_for_buyer(buyer=request_user(request))[:100]])
+        return Response(job_summaries(jobs=job_list_for_buyer(buyer=request_user(request))[:100]))
 
     def post(self, request: Request) -> Response:
         length = int(request.META.get("CONTENT_LENGTH") or 0)

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
 from django.db.models import Count, QuerySet, Sum
+from django.utils import timezone
 
 from marketplace.accounts.models import User
 from marketplace.billing.selectors import job_cost
 from marketplace.jobs.models import Job, Task, TaskRole, Verdict, Verification
-from marketplace.jobs.states import TaskStatus
-from marketplace.matching.selectors import job_queued_reason
+from marketplace.jobs.states import JobStatus, TaskStatus
+from marketplace.matching.scoring import HostView
+from marketplace.matching.selectors import host_views_online, job_queued_reason
 
 
 def job_list_for_buyer(*, buyer: User) -> QuerySet[Job]:
@@ -74,7 +76,16 @@ def job_verification(*, job: Job) -> dict[str, Any]:
     }
 
 
-def job_summary(*, job: Job) -> dict[str, Any]:
+def job_summaries(*, jobs: Iterable[Job]) -> list[dict[str, Any]]:
+    """`job_summary` of each job, reading the online hosts once for all the queued ones."""
+    jobs = list(jobs)
+    online = (
+        host_views_online(now=timezone.now()) if any(j.status == JobStatus.QUEUED for j in jobs) else None
+    )
+    return [job_summary(job=job, online=online) for job in jobs]
+
+
+def job_summary(*, job: Job, online: list[HostView] | None = None) -> dict[str, Any]:
     return {
         "id": str(job.pk),
         "status": job.status,
@@ -91,7 +102,7 @@ def job_summary(*, job: Job) -> dict[str, Any]:
         "priority": job.priority,
         "deadline": job.deadline,
         "region": job.region,
-        "queued_reason": job_queued_reason(job=job),
+        "queued_reason": job_queued_reason(job=job, online=online),
         "cost": job_cost(job_id=str(job.pk), buyer_id=job.buyer_id),
         "failure_reason": job.failure_reason,
         "created_at": job.created_at,

@@ -70,11 +70,17 @@ def host_views_online(*, now: datetime) -> list[HostView]:
     return [host_view(host, now=now, leased=host.in_flight) for host in hosts]
 
 
-def job_queued_reason(*, job: Job, now: datetime | None = None) -> str | None:
-    """Why no online host can take the queued job's tasks; None when it is not queued or one can."""
+def job_queued_reason(
+    *, job: Job, now: datetime | None = None, online: list[HostView] | None = None
+) -> str | None:
+    """Why no online host can take the queued job's tasks; None when it is not queued or one can.
+
+    `online` (from `host_views_online`) lets a caller with many jobs read the hosts once."""
     if job.status != JobStatus.QUEUED:
         return None
-    return queued_reason(task_view(job), host_views_online(now=now or timezone.now()))
+    if online is None:
+        online = host_views_online(now=now or timezone.now())
+    return queued_reason(task_view(job), online)
 
 
 def dispatch_explain(*, task: Task, host: Host, now: datetime | None = None) -> dict[str, Any]:

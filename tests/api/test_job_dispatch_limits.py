@@ -125,3 +125,25 @@ def test_the_queued_reason_is_null_when_a_host_can_take_the_job_or_it_runs(
 def test_an_offline_host_does_not_count_as_able_to_serve(api: APIClient, catalog: Any) -> None:
     host(status="offline", channel_name="")
     assert _submit(api).json()["queued_reason"] == "no host online"
+
+
+def test_the_job_list_reads_the_online_hosts_once_however_many_jobs_are_queued(
+    api: APIClient, catalog: Any
+) -> None:
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    host(memory_mb=256)
+
+    def host_reads() -> tuple[int, list[Any]]:
+        with CaptureQueriesContext(connection) as queries:
+            body = api.get("/api/v1/jobs").json()
+        return sum('FROM "hosts_host"' in q["sql"] for q in queries.captured_queries), body
+
+    _submit(api)
+    one, _ = host_reads()
+    for _ in range(5):
+        _submit(api)
+    six, body = host_reads()
+    assert len(body) == 6 and all(j["queued_reason"].startswith("no online host has") for j in body)
+    assert six == one

@@ -8,27 +8,42 @@ claimer only keeps the rows it actually moved.
 A round's free slots are shared out among buyers first (`fair_shares`: the
 buyer with the fewest tasks in flight goes next); within a buyer, higher
 priority, then older jobs, go first.
+
+Two ways in: `tasks_claim_for_host` (one host, from its own socket) and
+`tasks_claim_batch` (every online verified host with free slots in one round,
+the hosts chosen per task by `match_score`).
 """
 
 from __future__ import annotations
 
 import secrets
 import uuid
+from collections import deque
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import Count, Exists, Min, OuterRef, Q, QuerySet
+from django.db.models import Case, Count, Exists, F, Min, OuterRef, Q, QuerySet, UUIDField, Value, When
 from django.utils import timezone
 
 from hearth_agent.policy import is_green
 from marketplace.catalog.models import CatalogModel
+from marketplace.gateway import notify
 from marketplace.hosts.models import Host
 from marketplace.jobs.models import Task, TaskRole
 from marketplace.jobs.services import job_mark_started
 from marketplace.jobs.states import JOB_ACTIVE, JobStatus, TaskStatus
-from marketplace.matching.scoring import BuyerQueue, HostView, fair_shares, free_slots, pair_rejection
+from marketplace.matching.scoring import (
+    BuyerQueue,
+    HostView,
+    TaskView,
+    fair_shares,
+    fit_rejection,
+    free_slots,
+    match_score,
+    pair_rejection,
+)
 from marketplace.matching.selectors import host_view, task_view
 from marketplace.trust.scoring import canary_rate
 from marketplace.trust.services import canary_lease, host_trusted
@@ -192,3 +207,236 @@ def _canary_for_unverified(host: Host, *, now: datetime) -> Task | None:
     queued = Task.objects.filter(status=TaskStatus.QUEUED, role=TaskRole.PRIMARY, job__model=model)
     size = queued.values_list("item_count", flat=True).first() or settings.HEARTH_DEFAULT_TASK_SIZE
     return canary_lease(host=host, model=model, size=size, now=now)
+
+
+# ---- many hosts in one round ------------------------------------------------------------
+
+# Tasks a batch round leases at most: bounds the round's transaction (and the rows it holds locked).
+BATCH_LIMIT = 2000
+
+
+@dataclass
+class _Seat:
+    """A host in a batch round: its view, what it has left, and what it got."""
+
+    host: Host
+    view: HostView
+    free: int
+    groups: set[uuid.UUID]
+    planned: list[Task]
+    canaries: list[Task]
+    trusted: bool | None = None  # None: not asked yet (asking costs a query)
+
+
+def tasks_claim_batch(
+    *, host_ids: list[uuid.UUID] | None = None, now: datetime | None = None, limit: int = BATCH_LIMIT
+) -> dict[uuid.UUID, list[Assignment]]:
+    """One dispatch round for many hosts: lease up to `limit` queued tasks across the online, verified
+    hosts with free slots (all of them, or those in `host_ids`), and send each host its own
+    `task.assign` message on commit. Returns what each host got.
+
+    The same rules as `tasks_claim_for_host`: the buyers share the round by `fair_shares`, priority
+    then age within a buyer, `pair_rejection`'s filters, never the same inputs twice on one host,
+    tie-breaks only on trusted hosts, canaries at the host's rate, the lease at the host's price.
+    Among the hosts that may take a task, the one with the best `match_score` gets it.
+
+    Unverified hosts are left to `tasks_claim_for_host`, which gives them known-answer tasks one at
+    a time. Locking: the picked tasks are locked `FOR UPDATE SKIP LOCKED` on PostgreSQL (a claim
+    running beside this one skips them) and each host's share moves with one
+    `UPDATE … WHERE status = 'queued'`; only rows that moved are assigned.
+    """
+    now = now or timezone.now()
+    expires = now + timedelta(seconds=settings.HEARTH_LEASE_SECONDS)
+    got: dict[uuid.UUID, list[Assignment]] = {}
+    started: set[uuid.UUID] = set()
+    with transaction.atomic():
+        seats = _seats(host_ids=host_ids, now=now, limit=limit)
+        if not seats:
+            return {}
+        slots = min(limit, sum(seat.free for seat in seats))
+        tasks = _batch_pick(_batch_candidates(seats, now=now), slots=slots)
+        _batch_place(tasks, seats, now=now)
+        for seat in seats:
+            moved = _lease_to(seat, expires=expires, now=now)
+            started.update(task.job_id for task in moved)
+            assignments = [_assignment(task) for task in [*seat.canaries, *moved]]
+            if assignments:
+                got[seat.host.pk] = assignments
+                notify.on_commit_send(seat.host.channel_name, _assign_message(assignments))
+    job_mark_started(job_ids=started, now=now)
+    return got
+
+
+def _seats(*, host_ids: list[uuid.UUID] | None, now: datetime, limit: int) -> list[_Seat]:
+    """The round's hosts: online, verified, with a live connection and free slots."""
+    hosts = (
+        Host.objects.filter(
+            status=Host.Status.ONLINE,
+            revoked_at__isnull=True,
+            verified_at__isnull=False,
+            ready=True,
+            draining=False,
+            quarantined_at__isnull=True,
+        )
+        .exclude(channel_name="")
+        .exclude(hardware_ok=False)
+        .annotate(in_flight=Count("leased_tasks", filter=Q(leased_tasks__status=TaskStatus.LEASED)))
+        .filter(in_flight__lt=F("slots"))
+        .order_by("pk")
+    )
+    if host_ids is not None:
+        hosts = hosts.filter(pk__in=host_ids)
+    seats: list[_Seat] = []
+    for host in hosts:
+        # The query above is a cheap first cut; `free_slots` is the rule (power, agent verdict, …).
+        view = host_view(host, now=now, leased=host.in_flight)
+        free = free_slots(view)
+        if free:
+            seats.append(_Seat(host=host, view=view, free=free, groups=set(), planned=[], canaries=[]))
+    return seats
+
+
+def _batch_candidates(seats: list[_Seat], *, now: datetime) -> QuerySet[Task]:
+    """The queued tasks at least one of the round's hosts may run, as far as the database can tell
+    for all of them at once; `fit_rejection` decides each pair."""
+    views = [seat.view for seat in seats]
+    candidates = Task.objects.filter(
+        status=TaskStatus.QUEUED,
+        job__status__in=JOB_ACTIVE,
+        job__max_price_per_1k_minor__gte=min(view.price_per_1k_minor for view in views),
+        job__model__is_active=True,
+        job__model__min_memory_mb__lte=max(view.memory_mb for view in views),
+    ).exclude(role=TaskRole.CANARY)
+    candidates = candidates.filter(Q(job__region="") | Q(job__region__in={view.region for view in views}))
+    candidates = candidates.filter(
+        Q(job__deadline__isnull=True) | Q(job__deadline__gt=now) | Q(job__status=JobStatus.RUNNING)
+    )
+    if not any(is_green(view.power) for view in views):
+        candidates = candidates.exclude(job__green_only=True)
+    return candidates
+
+
+def _batch_pick(candidates: QuerySet[Task], *, slots: int) -> list[Task]:
+    """`_fair_pick` for the whole round, in the order the buyers take turns: each buyer's tasks best
+    first, the buyers interleaved, so when hosts run short the round still alternates buyers."""
+    per_buyer: dict[int, list[Task]] = {}
+    for task in _fair_pick(candidates, slots=slots):
+        per_buyer.setdefault(task.job.buyer_id, []).append(task)
+    queues = list(per_buyer.values())
+    return [
+        queue[turn]
+        for turn in range(max(map(len, queues), default=0))
+        for queue in queues
+        if turn < len(queue)
+    ]
+
+
+def _batch_place(tasks: list[Task], seats: list[_Seat], *, now: datetime) -> None:
+    """Give each task, in turn, to the best-scoring host that may take it and has a slot left."""
+    ran = _runs_of_groups({task.group for task in tasks if task.group is not None})
+    ranked: dict[TaskView, deque[_Seat]] = {}
+    for task in tasks:
+        wants = task_view(task.job)
+        if wants not in ranked:
+            fits = [seat for seat in seats if fit_rejection(wants, seat.view) is None]
+            # Stable: equal scores keep the hosts' order, so a round is repeatable.
+            ranked[wants] = deque(sorted(fits, key=lambda seat: -match_score(wants, seat.view).total))
+        seat = _first_seat(task, ranked[wants], ran=ran, now=now)
+        if seat is None:
+            continue
+        seat.free -= 1
+        if not task.needs_trusted and _random.random() < _canary_rate(seat.host):
+            # A canary in this task's place, shaped like it; the task stays queued for the next round.
+            canary = canary_lease(host=seat.host, model=task.job.model, size=task.item_count, now=now)
+            if canary is not None:
+                seat.canaries.append(canary)
+                continue
+        if task.group is not None:
+            seat.groups.add(task.group)
+        seat.planned.append(task)
+
+
+def _first_seat(
+    task: Task, ranked: deque[_Seat], *, ran: set[tuple[uuid.UUID, uuid.UUID]], now: datetime
+) -> _Seat | None:
+    # Full hosts are dropped from the front as they fill, so the scan stays short in a big round.
+    while ranked and ranked[0].free == 0:
+        ranked.popleft()
+    for seat in ranked:
+        if seat.free == 0:
+            continue
+        if task.group is not None and (task.group in seat.groups or (task.group, seat.host.pk) in ran):
+            continue
+        if task.needs_trusted:
+            if seat.trusted is None:
+                seat.trusted = host_trusted(host=seat.host, now=now)
+            if not seat.trusted:
+                continue
+        return seat
+    return None
+
+
+def _runs_of_groups(groups: set[uuid.UUID]) -> set[tuple[uuid.UUID, uuid.UUID]]:
+    """(group, host) for every host that holds or ran a task of these groups: never again there."""
+    if not groups:
+        return set()
+    pairs: set[tuple[uuid.UUID, uuid.UUID]] = set()
+    rows = Task.objects.filter(group__in=groups).filter(
+        Q(leased_to__isnull=False) | Q(completed_by__isnull=False)
+    )
+    for group, leased_to, completed_by in rows.values_list("group", "leased_to_id", "completed_by_id"):
+        if group is not None:
+            pairs.update((group, host) for host in (leased_to, completed_by) if host is not None)
+    return pairs
+
+
+def _canary_rate(host: Host) -> float:
+    return canary_rate(
+        host.pass_streak, high=settings.HEARTH_CANARY_RATE_MAX, low=settings.HEARTH_CANARY_RATE_MIN
+    )
+
+
+def _lease_to(seat: _Seat, *, expires: datetime, now: datetime) -> list[Task]:
+    """Lease the seat's planned tasks to its host in one conditional UPDATE; the tasks that moved."""
+    if not seat.planned:
+        return []
+    lease_ids = {task.pk: uuid.uuid4() for task in seat.planned}
+    moved = Task.objects.filter(pk__in=lease_ids, status=TaskStatus.QUEUED).update(
+        status=TaskStatus.LEASED,
+        lease_id=Case(
+            *[When(pk=pk, then=Value(lease_id)) for pk, lease_id in lease_ids.items()],
+            output_field=UUIDField(),
+        ),
+        leased_to=seat.host,
+        lease_expires_at=expires,
+        assigned_at=now,
+        attempt=F("attempt") + 1,
+        price_per_1k_minor=seat.view.price_per_1k_minor,
+    )
+    if moved < len(lease_ids):
+        # Someone else moved some of them first: keep only the rows that carry our lease ids.
+        ours = set(Task.objects.filter(lease_id__in=lease_ids.values()).values_list("pk", flat=True))
+    else:
+        ours = set(lease_ids)
+    leased = [task for task in seat.planned if task.pk in ours]
+    for task in leased:
+        task.lease_id, task.lease_expires_at = lease_ids[task.pk], expires
+    return leased
+
+
+def _assign_message(assignments: list[Assignment]) -> dict[str, object]:
+    """A channel-layer message (msgpack-safe: strings, lists) the host's consumer sends on as frames."""
+    return {
+        "type": "task.assign",
+        "assignments": [
+            {
+                "task_id": str(a.task_id),
+                "lease_id": str(a.lease_id),
+                "model_sha256": a.model_sha256,
+                "model_name": a.model_name,
+                "inputs": a.inputs,
+                "lease_expires_at": a.lease_expires_at.isoformat(),
+            }
+            for a in assignments
+        ],
+    }

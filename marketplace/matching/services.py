@@ -21,17 +21,18 @@ import uuid
 from collections import deque
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import Case, Count, Exists, F, Min, OuterRef, Q, QuerySet, UUIDField, Value, When
+from django.db.models import Count, Exists, F, Field, Min, OuterRef, Q, QuerySet
 from django.utils import timezone
 
 from hearth_agent.policy import is_green
 from marketplace.catalog.models import CatalogModel
 from marketplace.gateway import notify
 from marketplace.hosts.models import Host
-from marketplace.jobs.models import Task, TaskRole
+from marketplace.jobs.models import Job, Task, TaskRole
 from marketplace.jobs.services import job_mark_started
 from marketplace.jobs.states import JOB_ACTIVE, JobStatus, TaskStatus
 from marketplace.matching.scoring import (
@@ -146,8 +147,10 @@ def _candidates(host: Host, view: HostView, *, now: datetime) -> QuerySet[Task]:
     return candidates
 
 
-def _fair_pick(candidates: QuerySet[Task], *, slots: int) -> list[Task]:
-    """Up to `slots` candidates, locked, shared out among their buyers by `fair_shares`."""
+def _fair_pick(candidates: QuerySet[Task], *, slots: int, with_jobs: bool = True) -> list[Task]:
+    """Up to `slots` candidates, locked, shared out among their buyers by `fair_shares`; each with its
+    job and model joined in, or (`with_jobs=False`) only the columns a claim reads, for the caller to
+    attach jobs once per job rather than once per row."""
     waiting = {
         row["job__buyer_id"]: row
         for row in candidates.order_by()
@@ -178,7 +181,12 @@ def _fair_pick(candidates: QuerySet[Task], *, slots: int) -> list[Task]:
         ordered = ordered.select_for_update(skip_locked=True, of=("self",))
     rows: list[Task] = []
     for buyer_id, share in shares.items():
-        rows.extend(ordered.filter(job__buyer_id=buyer_id).select_related("job__model")[:share])
+        picked = ordered.filter(job__buyer_id=buyer_id)
+        if with_jobs:
+            picked = picked.select_related("job__model")
+        else:
+            picked = picked.only("id", "job_id", "group", "needs_trusted", "item_count", "inputs")
+        rows.extend(picked[:share])
     return rows
 
 
@@ -242,13 +250,14 @@ def tasks_claim_batch(
 
     Unverified hosts are left to `tasks_claim_for_host`, which gives them known-answer tasks one at
     a time. Locking: the picked tasks are locked `FOR UPDATE SKIP LOCKED` on PostgreSQL (a claim
-    running beside this one skips them) and each host's share moves with one
-    `UPDATE … WHERE status = 'queued'`; only rows that moved are assigned.
+    running beside this one skips them) and the round's leases are written by one
+    `UPDATE … WHERE status = 'queued' RETURNING id` per chunk; only rows that moved are assigned.
     """
     now = now or timezone.now()
     expires = now + timedelta(seconds=settings.HEARTH_LEASE_SECONDS)
     got: dict[uuid.UUID, list[Assignment]] = {}
     started: set[uuid.UUID] = set()
+    messages: list[tuple[str, dict[str, object]]] = []
     with transaction.atomic():
         seats = _seats(host_ids=host_ids, now=now, limit=limit)
         if not seats:
@@ -256,13 +265,17 @@ def tasks_claim_batch(
         slots = min(limit, sum(seat.free for seat in seats))
         tasks = _batch_pick(_batch_candidates(seats, now=now), slots=slots)
         _batch_place(tasks, seats, now=now)
+        moved = _lease_planned(seats, expires=expires, now=now)
         for seat in seats:
-            moved = _lease_to(seat, expires=expires, now=now)
-            started.update(task.job_id for task in moved)
-            assignments = [_assignment(task) for task in [*seat.canaries, *moved]]
+            leased = [task for task in seat.planned if task.pk in moved]
+            for task in leased:
+                task.lease_id, task.lease_expires_at = moved[task.pk], expires
+                started.add(task.job_id)
+            assignments = [_assignment(task) for task in [*seat.canaries, *leased]]
             if assignments:
                 got[seat.host.pk] = assignments
-                notify.on_commit_send(seat.host.channel_name, _assign_message(assignments))
+                messages.append((seat.host.channel_name, _assign_message(assignments)))
+        notify.on_commit_send_many(messages)
     job_mark_started(job_ids=started, now=now)
     return got
 
@@ -319,8 +332,11 @@ def _batch_candidates(seats: list[_Seat], *, now: datetime) -> QuerySet[Task]:
 def _batch_pick(candidates: QuerySet[Task], *, slots: int) -> list[Task]:
     """`_fair_pick` for the whole round, in the order the buyers take turns: each buyer's tasks best
     first, the buyers interleaved, so when hosts run short the round still alternates buyers."""
+    tasks = _fair_pick(candidates, slots=slots, with_jobs=False)
+    jobs = Job.objects.select_related("model").in_bulk({task.job_id for task in tasks})
     per_buyer: dict[int, list[Task]] = {}
-    for task in _fair_pick(candidates, slots=slots):
+    for task in tasks:
+        task.job = jobs[task.job_id]
         per_buyer.setdefault(task.job.buyer_id, []).append(task)
     queues = list(per_buyer.values())
     return [
@@ -396,32 +412,89 @@ def _canary_rate(host: Host) -> float:
     )
 
 
-def _lease_to(seat: _Seat, *, expires: datetime, now: datetime) -> list[Task]:
-    """Lease the seat's planned tasks to its host in one conditional UPDATE; the tasks that moved."""
-    if not seat.planned:
-        return []
-    lease_ids = {task.pk: uuid.uuid4() for task in seat.planned}
-    moved = Task.objects.filter(pk__in=lease_ids, status=TaskStatus.QUEUED).update(
-        status=TaskStatus.LEASED,
-        lease_id=Case(
-            *[When(pk=pk, then=Value(lease_id)) for pk, lease_id in lease_ids.items()],
-            output_field=UUIDField(),
-        ),
-        leased_to=seat.host,
-        lease_expires_at=expires,
-        assigned_at=now,
-        attempt=F("attempt") + 1,
-        price_per_1k_minor=seat.view.price_per_1k_minor,
+# Rows per UPDATE: at 4 parameters a row, it stays far below SQLite's 32,766 and keeps statements small.
+_LEASE_CHUNK = 1000
+
+
+def _lease_planned(seats: list[_Seat], *, expires: datetime, now: datetime) -> dict[uuid.UUID, uuid.UUID]:
+    """Lease every seat's planned tasks to its host at its price: `UPDATE … FROM (VALUES …) WHERE
+    status = 'queued' RETURNING id`, a chunk of rows per statement (the ORM's UPDATE takes one set
+    of values; one UPDATE per host cost more than the rest of the round). The task ids that moved,
+    each with its new lease id; a row someone else moved first is not among them."""
+    plan = [
+        (task.pk, uuid.uuid4(), seat.host.pk, seat.view.price_per_1k_minor)
+        for seat in seats
+        for task in seat.planned
+    ]
+    moved: dict[uuid.UUID, uuid.UUID] = {}
+    if not plan:
+        return moved
+    quote = connection.ops.quote_name
+    table = quote(Task._meta.db_table)
+    c = {name: f"{table}.{quote(_column(name))}" for name in _LEASE_COLUMNS}
+    bare = {name: quote(_column(name)) for name in _LEASE_COLUMNS}  # SET takes unqualified names
+    uuid_field = Task._meta.get_field("id")
+    stamp = Task._meta.get_field("assigned_at")
+    row = (
+        "(%s::uuid, %s::uuid, %s::uuid, %s::integer)"
+        if connection.vendor == "postgresql"
+        else "(%s, %s, %s, %s)"
     )
-    if moved < len(lease_ids):
-        # Someone else moved some of them first: keep only the rows that carry our lease ids.
-        ours = set(Task.objects.filter(lease_id__in=lease_ids.values()).values_list("pk", flat=True))
-    else:
-        ours = set(lease_ids)
-    leased = [task for task in seat.planned if task.pk in ours]
-    for task in leased:
-        task.lease_id, task.lease_expires_at = lease_ids[task.pk], expires
-    return leased
+    for start in range(0, len(plan), _LEASE_CHUNK):
+        chunk = plan[start : start + _LEASE_CHUNK]
+        sql = (
+            f"WITH lease (task_id, lease_id, host_id, price) AS (VALUES {', '.join([row] * len(chunk))}) "
+            f"UPDATE {table} SET {bare['status']} = %s, {bare['lease_id']} = lease.lease_id, "
+            f"{bare['leased_to']} = lease.host_id, {bare['price_per_1k_minor']} = lease.price, "
+            f"{bare['lease_expires_at']} = %s, {bare['assigned_at']} = %s, {bare['attempt']} = {c['attempt']} + 1 "
+            f"FROM lease WHERE {c['id']} = lease.task_id AND {c['status']} = %s "
+            f"RETURNING {c['id']}, {c['lease_id']}"
+        )
+        params: list[Any] = []
+        for task_id, lease_id, host_id, price in chunk:
+            params += [
+                _db_uuid(uuid_field, task_id),
+                _db_uuid(uuid_field, lease_id),
+                _db_uuid(uuid_field, host_id),
+                price,
+            ]
+        params += [
+            TaskStatus.LEASED.value,
+            stamp.get_db_prep_value(expires, connection),
+            stamp.get_db_prep_value(now, connection),
+            TaskStatus.QUEUED.value,
+        ]
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            for task_id, lease_id in cursor.fetchall():
+                moved[_py_uuid(task_id)] = _py_uuid(lease_id)
+    return moved
+
+
+_LEASE_COLUMNS = (
+    "id",
+    "status",
+    "lease_id",
+    "leased_to",
+    "price_per_1k_minor",
+    "lease_expires_at",
+    "assigned_at",
+    "attempt",
+)
+
+
+def _column(name: str) -> str:
+    field = Task._meta.get_field(name)
+    assert isinstance(field, Field)
+    return str(field.column)
+
+
+def _db_uuid(field: Any, value: uuid.UUID) -> object:
+    return field.get_db_prep_value(value, connection)
+
+
+def _py_uuid(value: object) -> uuid.UUID:
+    return value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))
 
 
 def _assign_message(assignments: list[Assignment]) -> dict[str, object]:

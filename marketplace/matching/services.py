@@ -11,7 +11,10 @@ priority, then older jobs, go first.
 
 Two ways in: `tasks_claim_for_host` (one host, from its own socket) and
 `tasks_claim_batch` (every online verified host with free slots in one round,
-the hosts chosen per task by `match_score`).
+the hosts chosen per task by `match_score`). The per-host claim is still the
+live path: nothing calls the batch round on a schedule yet, because neither
+path locks the host row, so a round running beside a host's own claim could
+give that host more tasks than it has slots.
 """
 
 from __future__ import annotations

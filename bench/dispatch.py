@@ -1,6 +1,6 @@
 """Dispatch at fleet scale: batch rounds (`tasks_claim_batch`) vs one task per transaction, same run.
 
-    python -m bench.dispatch [--hosts 10000] [--tasks 100000] [--buyers 200] [--limit 5000]
+    python -m bench.dispatch [--hosts 10000] [--tasks 100000] [--buyers 200] [--limit 20000]
 
 Seeds simulated hosts (registered, verified, online; varied memory, price, region, power
 reading, benchmark, reliability) and queued tasks across many buyers' jobs with bulk inserts.
@@ -320,7 +320,7 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=100_000)
     parser.add_argument("--buyers", type=int, default=200)
     parser.add_argument("--jobs", type=int, default=1000)
-    parser.add_argument("--limit", type=int, default=5000, help="tasks a batch round leases at most")
+    parser.add_argument("--limit", type=int, default=20_000, help="tasks a batch round leases at most")
     parser.add_argument("--baseline-tasks", type=int, default=3000)
     parser.add_argument("--latency-s", type=float, default=10.0)
     args = parser.parse_args()

@@ -262,7 +262,7 @@ def tasks_claim_batch(
     started: set[uuid.UUID] = set()
     messages: list[tuple[str, dict[str, object]]] = []
     with transaction.atomic():
-        seats = _seats(host_ids=host_ids, now=now, limit=limit)
+        seats = _seats(host_ids=host_ids, now=now)
         if not seats:
             return {}
         slots = min(limit, sum(seat.free for seat in seats))
@@ -283,7 +283,7 @@ def tasks_claim_batch(
     return got
 
 
-def _seats(*, host_ids: list[uuid.UUID] | None, now: datetime, limit: int) -> list[_Seat]:
+def _seats(*, host_ids: list[uuid.UUID] | None, now: datetime) -> list[_Seat]:
     """The round's hosts: online, verified, with a live connection and free slots."""
     hosts = (
         Host.objects.filter(

@@ -224,6 +224,11 @@ def _canary_for_unverified(host: Host, *, now: datetime) -> Task | None:
 
 # Tasks a batch round leases at most: bounds the round's transaction (and the rows it holds locked).
 BATCH_LIMIT = 2000
+# A round looks at this many hosts per queued task (and at least HOST_SAMPLE_MIN), from a random
+# point in the fleet: the score still picks the best of several, and a round with a handful of new
+# tasks costs a handful of host views, not the whole fleet's (sampling, as Sparrow's schedulers do).
+HOST_SAMPLE_PER_TASK = 4
+HOST_SAMPLE_MIN = 32
 
 
 @dataclass
@@ -261,8 +266,13 @@ def tasks_claim_batch(
     got: dict[uuid.UUID, list[Assignment]] = {}
     started: set[uuid.UUID] = set()
     messages: list[tuple[str, dict[str, object]]] = []
+    queued = Task.objects.filter(status=TaskStatus.QUEUED).exclude(role=TaskRole.CANARY).order_by()
+    waiting = queued[:limit].count()
+    if waiting == 0:
+        return {}
+    sample = max(HOST_SAMPLE_MIN, HOST_SAMPLE_PER_TASK * waiting)
     with transaction.atomic():
-        seats = _seats(host_ids=host_ids, now=now)
+        seats = _seats(host_ids=host_ids, now=now, sample=sample)
         if not seats:
             return {}
         slots = min(limit, sum(seat.free for seat in seats))
@@ -283,8 +293,9 @@ def tasks_claim_batch(
     return got
 
 
-def _seats(*, host_ids: list[uuid.UUID] | None, now: datetime) -> list[_Seat]:
-    """The round's hosts: online, verified, with a live connection and free slots."""
+def _seats(*, host_ids: list[uuid.UUID] | None, now: datetime, sample: int) -> list[_Seat]:
+    """The round's hosts: online, verified, with a live connection and free slots; at most `sample`
+    of them, read in id order from a random id on (wrapping round), so every host gets its turn."""
     hosts = (
         Host.objects.filter(
             status=Host.Status.ONLINE,
@@ -302,8 +313,12 @@ def _seats(*, host_ids: list[uuid.UUID] | None, now: datetime) -> list[_Seat]:
     )
     if host_ids is not None:
         hosts = hosts.filter(pk__in=host_ids)
+    start = uuid.UUID(int=_random.getrandbits(128))
+    picked = list(hosts.filter(pk__gte=start)[:sample])
+    if len(picked) < sample:
+        picked += hosts.filter(pk__lt=start)[: sample - len(picked)]
     seats: list[_Seat] = []
-    for host in hosts:
+    for host in picked:
         # The query above is a cheap first cut; `free_slots` is the rule (power, agent verdict, …).
         view = host_view(host, now=now, leased=host.in_flight)
         free = free_slots(view)

@@ -21,85 +21,22 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
-import socket
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+
+from bench._pg import scratch_database, setup_django, throwaway_postgres
 
 TOPUP_MINOR = 5_000
 HOLD_MINOR = 3_000
 CAPTURE_MINOR = (1_000, 700)
 THRESHOLD_MINOR = 1_000
-
-
-# ---- PostgreSQL -----------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def throwaway_postgres() -> Iterator[str]:
-    """initdb + pg_ctl under a temp dir on a free loopback port; as `postgres` when we are root."""
-    bins = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name))
-    if not bins:
-        raise SystemExit("no PostgreSQL under /usr/lib/postgresql/*/bin; set DATABASE_URL instead")
-    bin_dir = bins[-1]
-    root = Path(tempfile.mkdtemp(prefix="hearth-bench-pg-"))
-    as_pg: list[str] = []
-    if os.geteuid() == 0:  # initdb and postgres refuse to run as root
-        shutil.chown(root, "postgres", "postgres")
-        as_pg = ["runuser", "-u", "postgres", "--"]
-    data, port = root / "data", _free_port()
-
-    def run(*args: str) -> None:
-        subprocess.run([*as_pg, *args], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    run(str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "--no-sync")
-    options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c max_connections=100"
-    run(str(bin_dir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(root / "log"), "-w", "start")
-    try:
-        yield f"postgres://postgres@127.0.0.1:{port}/postgres"
-    finally:
-        subprocess.run(
-            [*as_pg, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        shutil.rmtree(root, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def scratch_database(server_url: str) -> Iterator[str]:
-    """A new database on the server of `server_url`, dropped afterwards."""
-    import psycopg
-
-    name = f"hearth_bench_{uuid.uuid4().hex[:10]}"
-    parts = urlsplit(server_url)
-    admin = urlunsplit(parts._replace(path="/postgres"))
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield urlunsplit(parts._replace(path=f"/{name}"))
-    finally:
-        from django.db import connections
-
-        connections.close_all()
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 # ---- the plan, run against either implementation ----------------------------------
@@ -393,18 +330,6 @@ class Naive(Implementation):
 # ---- main ---------------------------------------------------------------------------
 
 
-def _setup_django(database_url: str) -> None:
-    os.environ["DATABASE_URL"] = database_url
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "marketplace.config.settings")
-    os.environ.setdefault("HEARTH_LOG_LEVEL", "ERROR")
-    import django
-
-    django.setup()
-    from django.core.management import call_command
-
-    call_command("migrate", verbosity=0)
-
-
 def _people(fake: Any, buyers: int, hosts: int) -> tuple[list[Any], list[Any]]:
     from marketplace.accounts.models import User
     from marketplace.billing.services import connect_account_sync, connect_onboarding_start
@@ -454,7 +379,7 @@ def main() -> None:
             server = stack.enter_context(throwaway_postgres())
             print(f"started a throwaway PostgreSQL at {server}", file=sys.stderr)
         database = stack.enter_context(scratch_database(server))
-        _setup_django(database)
+        setup_django(database)
         buyers, hosts = _people(fake, args.buyers, args.hosts)
 
         results: dict[str, Figures] = {}

@@ -2,7 +2,8 @@
 
 A thin interface: every decision lives in hosts/jobs/matching services. The
 consumer claims work for its own host after `ready`, after each result and
-when poked, and sends `task.assign` only after the claim has committed.
+when poked, and sends `task.assign` only after the claim has committed; it
+also forwards the `task.assign` messages a batch round sends to its channel.
 """
 
 from __future__ import annotations
@@ -200,6 +201,11 @@ class AgentConsumer(AsyncWebsocketConsumer):
     async def dispatch_poke(self, message: dict[str, Any]) -> None:
         if self.hello_received:
             await self._claim_and_assign()
+
+    async def task_assign(self, message: dict[str, Any]) -> None:
+        """Tasks a batch round (`tasks_claim_batch`) leased to this host; the round has committed."""
+        for assignment in message["assignments"]:
+            await self._send_frame(protocol.TaskAssign(payload=protocol.TaskAssignPayload(**assignment)))
 
     async def task_cancel(self, message: dict[str, Any]) -> None:
         await self._send_frame(

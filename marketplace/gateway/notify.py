@@ -7,11 +7,14 @@ that a rollback removed.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.db import transaction
+
+logger = logging.getLogger(__name__)
 
 
 def send(channel_name: str, message: dict[str, Any]) -> None:
@@ -21,13 +24,34 @@ def send(channel_name: str, message: dict[str, Any]) -> None:
     try:
         async_to_sync(layer.send)(channel_name, message)
     except Exception:
-        import logging
-
-        logging.getLogger(__name__).warning("could not send %s to %s", message.get("type"), channel_name)
+        logger.warning("could not send %s to %s", message.get("type"), channel_name)
 
 
 def on_commit_send(channel_name: str, message: dict[str, Any]) -> None:
     transaction.on_commit(lambda: send(channel_name, message))
+
+
+def send_many(messages: list[tuple[str, dict[str, Any]]]) -> None:
+    """`send` to many channels (each host's own) in one trip into the event loop: a dispatch round
+    may address thousands of hosts, and entering the loop once per send would cost more than the sends."""
+    layer = get_channel_layer()
+    if layer is None or not messages:
+        return
+
+    async def _send_all() -> None:
+        for channel_name, message in messages:
+            if not channel_name:
+                continue
+            try:
+                await layer.send(channel_name, message)
+            except Exception:
+                logger.warning("could not send %s to %s", message.get("type"), channel_name)
+
+    async_to_sync(_send_all)()
+
+
+def on_commit_send_many(messages: list[tuple[str, dict[str, Any]]]) -> None:
+    transaction.on_commit(lambda: send_many(messages))
 
 
 def close(channel_name: str, code: int) -> None:

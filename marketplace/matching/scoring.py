@@ -8,7 +8,7 @@ the hosts that pass, in parts an operator can read.
 
 from __future__ import annotations
 
-from collections import Counter
+import heapq
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -154,6 +154,16 @@ def pair_rejection(task: TaskView, host: HostView) -> str | None:
     return None
 
 
+def fit_rejection(task: TaskView, host: HostView) -> str | None:
+    """`pair_rejection` for a host already known to take work (`free_slots` > 0): every filter but
+    the first, which does not depend on the task and is the costly one to run per pair."""
+    for name, check in FILTERS:
+        reason = None if name == "takes_work" else check(task, host)
+        if reason is not None:
+            return reason
+    return None
+
+
 def queued_reason(task: TaskView, hosts: Sequence[HostView]) -> str | None:
     """Why none of `hosts` (the online ones) can run the task, or None when one can.
 
@@ -248,11 +258,19 @@ class BuyerQueue:
 def fair_shares(queues: dict[K, BuyerQueue], slots: int) -> dict[K, int]:
     """How many of `slots` each buyer gets: one at a time to the buyer with the fewest tasks in flight
     (counting the ones given in this round), so a buyer with a huge job cannot starve a small one."""
-    given: Counter[K] = Counter()
+    given: dict[K, int] = {}
+    # (in flight, oldest, position): the position keeps the first-listed buyer first on a full tie
+    # and means keys themselves are never compared.
+    turns = [(queue.leased, queue.oldest, position) for position, queue in enumerate(queues.values())]
+    keys = list(queues)
+    heapq.heapify(turns)
     for _ in range(slots):
-        waiting = [key for key, queue in queues.items() if given[key] < queue.queued]
-        if not waiting:
+        while turns and given.get(keys[turns[0][2]], 0) >= queues[keys[turns[0][2]]].queued:
+            heapq.heappop(turns)
+        if not turns:
             break
-        turn = min(waiting, key=lambda key: (queues[key].leased + given[key], queues[key].oldest))
-        given[turn] += 1
-    return dict(given)
+        leased, oldest, position = turns[0]
+        key = keys[position]
+        given[key] = given.get(key, 0) + 1
+        heapq.heapreplace(turns, (leased + 1, oldest, position))
+    return given

@@ -8,27 +8,46 @@ claimer only keeps the rows it actually moved.
 A round's free slots are shared out among buyers first (`fair_shares`: the
 buyer with the fewest tasks in flight goes next); within a buyer, higher
 priority, then older jobs, go first.
+
+Two ways in: `tasks_claim_for_host` (one host, from its own socket) and
+`tasks_claim_batch` (every online verified host with free slots in one round,
+the hosts chosen per task by `match_score`). The per-host claim is still the
+live path: nothing calls the batch round on a schedule yet, because neither
+path locks the host row, so a round running beside a host's own claim could
+give that host more tasks than it has slots.
 """
 
 from __future__ import annotations
 
 import secrets
 import uuid
+from collections import deque
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import Count, Exists, Min, OuterRef, Q, QuerySet
+from django.db.models import Count, Exists, F, Field, Min, OuterRef, Q, QuerySet
 from django.utils import timezone
 
 from hearth_agent.policy import is_green
 from marketplace.catalog.models import CatalogModel
+from marketplace.gateway import notify
 from marketplace.hosts.models import Host
-from marketplace.jobs.models import Task, TaskRole
+from marketplace.jobs.models import Job, Task, TaskRole
 from marketplace.jobs.services import job_mark_started
 from marketplace.jobs.states import JOB_ACTIVE, JobStatus, TaskStatus
-from marketplace.matching.scoring import BuyerQueue, HostView, fair_shares, free_slots, pair_rejection
+from marketplace.matching.scoring import (
+    BuyerQueue,
+    HostView,
+    TaskView,
+    fair_shares,
+    fit_rejection,
+    free_slots,
+    match_score,
+    pair_rejection,
+)
 from marketplace.matching.selectors import host_view, task_view
 from marketplace.trust.scoring import canary_rate
 from marketplace.trust.services import canary_lease, host_trusted
@@ -131,8 +150,10 @@ def _candidates(host: Host, view: HostView, *, now: datetime) -> QuerySet[Task]:
     return candidates
 
 
-def _fair_pick(candidates: QuerySet[Task], *, slots: int) -> list[Task]:
-    """Up to `slots` candidates, locked, shared out among their buyers by `fair_shares`."""
+def _fair_pick(candidates: QuerySet[Task], *, slots: int, with_jobs: bool = True) -> list[Task]:
+    """Up to `slots` candidates, locked, shared out among their buyers by `fair_shares`; each with its
+    job and model joined in, or (`with_jobs=False`) only the columns a claim reads, for the caller to
+    attach jobs once per job rather than once per row."""
     waiting = {
         row["job__buyer_id"]: row
         for row in candidates.order_by()
@@ -163,7 +184,12 @@ def _fair_pick(candidates: QuerySet[Task], *, slots: int) -> list[Task]:
         ordered = ordered.select_for_update(skip_locked=True, of=("self",))
     rows: list[Task] = []
     for buyer_id, share in shares.items():
-        rows.extend(ordered.filter(job__buyer_id=buyer_id).select_related("job__model")[:share])
+        picked = ordered.filter(job__buyer_id=buyer_id)
+        if with_jobs:
+            picked = picked.select_related("job__model")
+        else:
+            picked = picked.only("id", "job_id", "group", "needs_trusted", "item_count", "inputs")
+        rows.extend(picked[:share])
     return rows
 
 
@@ -192,3 +218,316 @@ def _canary_for_unverified(host: Host, *, now: datetime) -> Task | None:
     queued = Task.objects.filter(status=TaskStatus.QUEUED, role=TaskRole.PRIMARY, job__model=model)
     size = queued.values_list("item_count", flat=True).first() or settings.HEARTH_DEFAULT_TASK_SIZE
     return canary_lease(host=host, model=model, size=size, now=now)
+
+
+# ---- many hosts in one round ------------------------------------------------------------
+
+# Tasks a batch round leases at most: bounds the round's transaction (and the rows it holds locked).
+BATCH_LIMIT = 2000
+# A round looks at this many hosts per queued task (and at least HOST_SAMPLE_MIN), from a random
+# point in the fleet: the score still picks the best of several, and a round with a handful of new
+# tasks costs a handful of host views, not the whole fleet's (sampling, as Sparrow's schedulers do).
+HOST_SAMPLE_PER_TASK = 4
+HOST_SAMPLE_MIN = 32
+
+
+@dataclass
+class _Seat:
+    """A host in a batch round: its view, what it has left, and what it got."""
+
+    host: Host
+    view: HostView
+    free: int
+    groups: set[uuid.UUID]
+    planned: list[Task]
+    canaries: list[Task]
+    trusted: bool | None = None  # None: not asked yet (asking costs a query)
+
+
+def tasks_claim_batch(
+    *, host_ids: list[uuid.UUID] | None = None, now: datetime | None = None, limit: int = BATCH_LIMIT
+) -> dict[uuid.UUID, list[Assignment]]:
+    """One dispatch round for many hosts: lease up to `limit` queued tasks across the online, verified
+    hosts with free slots (all of them, or those in `host_ids`), and send each host its own
+    `task.assign` message on commit. Returns what each host got.
+
+    The same rules as `tasks_claim_for_host`: the buyers share the round by `fair_shares`, priority
+    then age within a buyer, `pair_rejection`'s filters, never the same inputs twice on one host,
+    tie-breaks only on trusted hosts, canaries at the host's rate, the lease at the host's price.
+    Among the hosts that may take a task, the one with the best `match_score` gets it.
+
+    Unverified hosts are left to `tasks_claim_for_host`, which gives them known-answer tasks one at
+    a time. Locking: the picked tasks are locked `FOR UPDATE SKIP LOCKED` on PostgreSQL (a claim
+    running beside this one skips them) and the round's leases are written by one
+    `UPDATE … WHERE status = 'queued' RETURNING id` per chunk; only rows that moved are assigned.
+    """
+    now = now or timezone.now()
+    expires = now + timedelta(seconds=settings.HEARTH_LEASE_SECONDS)
+    got: dict[uuid.UUID, list[Assignment]] = {}
+    started: set[uuid.UUID] = set()
+    messages: list[tuple[str, dict[str, object]]] = []
+    queued = Task.objects.filter(status=TaskStatus.QUEUED).exclude(role=TaskRole.CANARY).order_by()
+    waiting = queued[:limit].count()
+    if waiting == 0:
+        return {}
+    sample = max(HOST_SAMPLE_MIN, HOST_SAMPLE_PER_TASK * waiting)
+    with transaction.atomic():
+        seats = _seats(host_ids=host_ids, now=now, sample=sample)
+        if not seats:
+            return {}
+        slots = min(limit, sum(seat.free for seat in seats))
+        tasks = _batch_pick(_batch_candidates(seats, now=now), slots=slots)
+        _batch_place(tasks, seats, now=now)
+        moved = _lease_planned(seats, expires=expires, now=now)
+        for seat in seats:
+            leased = [task for task in seat.planned if task.pk in moved]
+            for task in leased:
+                task.lease_id, task.lease_expires_at = moved[task.pk], expires
+                started.add(task.job_id)
+            assignments = [_assignment(task) for task in [*seat.canaries, *leased]]
+            if assignments:
+                got[seat.host.pk] = assignments
+                messages.append((seat.host.channel_name, _assign_message(assignments)))
+        notify.on_commit_send_many(messages)
+    job_mark_started(job_ids=started, now=now)
+    return got
+
+
+def _seats(*, host_ids: list[uuid.UUID] | None, now: datetime, sample: int) -> list[_Seat]:
+    """The round's hosts: online, verified, with a live connection and free slots; at most `sample`
+    of them, read in id order from a random id on (wrapping round), so every host gets its turn."""
+    hosts = (
+        Host.objects.filter(
+            status=Host.Status.ONLINE,
+            revoked_at__isnull=True,
+            verified_at__isnull=False,
+            ready=True,
+            draining=False,
+            quarantined_at__isnull=True,
+        )
+        .exclude(channel_name="")
+        .exclude(hardware_ok=False)
+        .annotate(in_flight=Count("leased_tasks", filter=Q(leased_tasks__status=TaskStatus.LEASED)))
+        .filter(in_flight__lt=F("slots"))
+        .order_by("pk")
+    )
+    if host_ids is not None:
+        hosts = hosts.filter(pk__in=host_ids)
+    start = uuid.UUID(int=_random.getrandbits(128))
+    picked = list(hosts.filter(pk__gte=start)[:sample])
+    if len(picked) < sample:
+        picked += hosts.filter(pk__lt=start)[: sample - len(picked)]
+    seats: list[_Seat] = []
+    for host in picked:
+        # The query above is a cheap first cut; `free_slots` is the rule (power, agent verdict, …).
+        view = host_view(host, now=now, leased=host.in_flight)
+        free = free_slots(view)
+        if free:
+            seats.append(_Seat(host=host, view=view, free=free, groups=set(), planned=[], canaries=[]))
+    return seats
+
+
+def _batch_candidates(seats: list[_Seat], *, now: datetime) -> QuerySet[Task]:
+    """The queued tasks at least one of the round's hosts may run, as far as the database can tell
+    for all of them at once; `fit_rejection` decides each pair."""
+    views = [seat.view for seat in seats]
+    candidates = Task.objects.filter(
+        status=TaskStatus.QUEUED,
+        job__status__in=JOB_ACTIVE,
+        job__max_price_per_1k_minor__gte=min(view.price_per_1k_minor for view in views),
+        job__model__is_active=True,
+        job__model__min_memory_mb__lte=max(view.memory_mb for view in views),
+    ).exclude(role=TaskRole.CANARY)
+    candidates = candidates.filter(Q(job__region="") | Q(job__region__in={view.region for view in views}))
+    candidates = candidates.filter(
+        Q(job__deadline__isnull=True) | Q(job__deadline__gt=now) | Q(job__status=JobStatus.RUNNING)
+    )
+    if not any(is_green(view.power) for view in views):
+        candidates = candidates.exclude(job__green_only=True)
+    return candidates
+
+
+def _batch_pick(candidates: QuerySet[Task], *, slots: int) -> list[Task]:
+    """`_fair_pick` for the whole round, in the order the buyers take turns: each buyer's tasks best
+    first, the buyers interleaved, so when hosts run short the round still alternates buyers."""
+    tasks = _fair_pick(candidates, slots=slots, with_jobs=False)
+    jobs = Job.objects.select_related("model").in_bulk({task.job_id for task in tasks})
+    per_buyer: dict[int, list[Task]] = {}
+    for task in tasks:
+        task.job = jobs[task.job_id]
+        per_buyer.setdefault(task.job.buyer_id, []).append(task)
+    queues = list(per_buyer.values())
+    return [
+        queue[turn]
+        for turn in range(max(map(len, queues), default=0))
+        for queue in queues
+        if turn < len(queue)
+    ]
+
+
+def _batch_place(tasks: list[Task], seats: list[_Seat], *, now: datetime) -> None:
+    """Give each task, in turn, to the best-scoring host that may take it and has a slot left."""
+    ran = _runs_of_groups({task.group for task in tasks if task.group is not None})
+    ranked: dict[TaskView, deque[_Seat]] = {}
+    for task in tasks:
+        wants = task_view(task.job)
+        if wants not in ranked:
+            fits = [seat for seat in seats if fit_rejection(wants, seat.view) is None]
+            # Stable: equal scores keep the hosts' order, so a round is repeatable.
+            ranked[wants] = deque(sorted(fits, key=lambda seat: -match_score(wants, seat.view).total))
+        seat = _first_seat(task, ranked[wants], ran=ran, now=now)
+        if seat is None:
+            continue
+        seat.free -= 1
+        if not task.needs_trusted and _random.random() < _canary_rate(seat.host):
+            # A canary in this task's place, shaped like it; the task stays queued for the next round.
+            canary = canary_lease(host=seat.host, model=task.job.model, size=task.item_count, now=now)
+            if canary is not None:
+                seat.canaries.append(canary)
+                continue
+        if task.group is not None:
+            seat.groups.add(task.group)
+        seat.planned.append(task)
+
+
+def _first_seat(
+    task: Task, ranked: deque[_Seat], *, ran: set[tuple[uuid.UUID, uuid.UUID]], now: datetime
+) -> _Seat | None:
+    # Full hosts are dropped from the front as they fill, so the scan stays short in a big round.
+    while ranked and ranked[0].free == 0:
+        ranked.popleft()
+    for seat in ranked:
+        if seat.free == 0:
+            continue
+        if task.group is not None and (task.group in seat.groups or (task.group, seat.host.pk) in ran):
+            continue
+        if task.needs_trusted:
+            if seat.trusted is None:
+                seat.trusted = host_trusted(host=seat.host, now=now)
+            if not seat.trusted:
+                continue
+        return seat
+    return None
+
+
+def _runs_of_groups(groups: set[uuid.UUID]) -> set[tuple[uuid.UUID, uuid.UUID]]:
+    """(group, host) for every host that holds or ran a task of these groups: never again there."""
+    if not groups:
+        return set()
+    pairs: set[tuple[uuid.UUID, uuid.UUID]] = set()
+    rows = Task.objects.filter(group__in=groups).filter(
+        Q(leased_to__isnull=False) | Q(completed_by__isnull=False)
+    )
+    for group, leased_to, completed_by in rows.values_list("group", "leased_to_id", "completed_by_id"):
+        if group is not None:
+            pairs.update((group, host) for host in (leased_to, completed_by) if host is not None)
+    return pairs
+
+
+def _canary_rate(host: Host) -> float:
+    return canary_rate(
+        host.pass_streak, high=settings.HEARTH_CANARY_RATE_MAX, low=settings.HEARTH_CANARY_RATE_MIN
+    )
+
+
+# Rows per UPDATE: at 4 parameters a row, it stays far below SQLite's 32,766 and keeps statements small.
+_LEASE_CHUNK = 1000
+
+
+def _lease_planned(seats: list[_Seat], *, expires: datetime, now: datetime) -> dict[uuid.UUID, uuid.UUID]:
+    """Lease every seat's planned tasks to its host at its price: `UPDATE … FROM (VALUES …) WHERE
+    status = 'queued' RETURNING id`, a chunk of rows per statement (the ORM's UPDATE takes one set
+    of values; one UPDATE per host cost more than the rest of the round). The task ids that moved,
+    each with its new lease id; a row someone else moved first is not among them."""
+    plan = [
+        (task.pk, uuid.uuid4(), seat.host.pk, seat.view.price_per_1k_minor)
+        for seat in seats
+        for task in seat.planned
+    ]
+    moved: dict[uuid.UUID, uuid.UUID] = {}
+    if not plan:
+        return moved
+    quote = connection.ops.quote_name
+    table = quote(Task._meta.db_table)
+    c = {name: f"{table}.{quote(_column(name))}" for name in _LEASE_COLUMNS}
+    bare = {name: quote(_column(name)) for name in _LEASE_COLUMNS}  # SET takes unqualified names
+    uuid_field = Task._meta.get_field("id")
+    stamp = Task._meta.get_field("assigned_at")
+    row = (
+        "(%s::uuid, %s::uuid, %s::uuid, %s::integer)"
+        if connection.vendor == "postgresql"
+        else "(%s, %s, %s, %s)"
+    )
+    for start in range(0, len(plan), _LEASE_CHUNK):
+        chunk = plan[start : start + _LEASE_CHUNK]
+        sql = (
+            f"WITH lease (task_id, lease_id, host_id, price) AS (VALUES {', '.join([row] * len(chunk))}) "
+            f"UPDATE {table} SET {bare['status']} = %s, {bare['lease_id']} = lease.lease_id, "
+            f"{bare['leased_to']} = lease.host_id, {bare['price_per_1k_minor']} = lease.price, "
+            f"{bare['lease_expires_at']} = %s, {bare['assigned_at']} = %s, {bare['attempt']} = {c['attempt']} + 1 "
+            f"FROM lease WHERE {c['id']} = lease.task_id AND {c['status']} = %s "
+            f"RETURNING {c['id']}, {c['lease_id']}"
+        )
+        params: list[Any] = []
+        for task_id, lease_id, host_id, price in chunk:
+            params += [
+                _db_uuid(uuid_field, task_id),
+                _db_uuid(uuid_field, lease_id),
+                _db_uuid(uuid_field, host_id),
+                price,
+            ]
+        params += [
+            TaskStatus.LEASED.value,
+            stamp.get_db_prep_value(expires, connection),
+            stamp.get_db_prep_value(now, connection),
+            TaskStatus.QUEUED.value,
+        ]
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            for task_id, lease_id in cursor.fetchall():
+                moved[_py_uuid(task_id)] = _py_uuid(lease_id)
+    return moved
+
+
+_LEASE_COLUMNS = (
+    "id",
+    "status",
+    "lease_id",
+    "leased_to",
+    "price_per_1k_minor",
+    "lease_expires_at",
+    "assigned_at",
+    "attempt",
+)
+
+
+def _column(name: str) -> str:
+    field = Task._meta.get_field(name)
+    assert isinstance(field, Field)
+    return str(field.column)
+
+
+def _db_uuid(field: Any, value: uuid.UUID) -> object:
+    return field.get_db_prep_value(value, connection)
+
+
+def _py_uuid(value: object) -> uuid.UUID:
+    return value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))
+
+
+def _assign_message(assignments: list[Assignment]) -> dict[str, object]:
+    """A channel-layer message (msgpack-safe: strings, lists) the host's consumer sends on as frames."""
+    return {
+        "type": "task.assign",
+        "assignments": [
+            {
+                "task_id": str(a.task_id),
+                "lease_id": str(a.lease_id),
+                "model_sha256": a.model_sha256,
+                "model_name": a.model_name,
+                "inputs": a.inputs,
+                "lease_expires_at": a.lease_expires_at.isoformat(),
+            }
+            for a in assignments
+        ],
+    }

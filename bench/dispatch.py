@@ -1,0 +1,348 @@
+"""Dispatch at fleet scale: batch rounds (`tasks_claim_batch`) vs one task per transaction, same run.
+
+    python -m bench.dispatch [--hosts 10000] [--tasks 100000] [--buyers 200] [--limit 20000]
+
+Seeds simulated hosts (registered, verified, online; varied memory, price, region, power
+reading, benchmark, reliability) and queued tasks across many buyers' jobs with bulk inserts.
+Then, on one thread:
+
+1. baseline: the naive claim, one task per transaction through the ORM (lock a queued task,
+   lease it to the next host), for `--baseline-tasks` tasks → `baseline_tasks_per_s`;
+2. sustained: batch rounds until the queue is empty; between rounds every leased task is marked
+   done, as if the hosts had answered (untimed) → `tasks_per_s` (time spent in rounds only);
+3. half load: tasks are submitted on a schedule at half the sustained rate for `--latency-s`
+   seconds while rounds run; a task's latency is the end of the round that leased it minus its
+   scheduled submit time (so waiting behind a running round counts) → `p50/p99_assign_ms`.
+
+PostgreSQL: DATABASE_URL's server (a scratch database is created and dropped), or, without
+DATABASE_URL, a throwaway cluster started here on a free loopback port. The last stdout line is
+one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+# Tasks per second BOINC's scheduler reports handing out (the figure the issue compares with).
+BOINC_TASKS_PER_S = 102.0
+REGIONS = ("", "", "eu-west", "us-east", "ap-south")
+
+
+def seed_fleet(*, hosts: int, buyers: int, rng: random.Random) -> tuple[Any, list[Any]]:
+    """The model, and buyers; `hosts` verified online hosts with varied hardware, prices and power."""
+    from django.utils import timezone
+
+    from marketplace.accounts.models import User
+    from marketplace.catalog.services import catalog_builtin_sync
+    from marketplace.hosts.models import Host
+
+    model = catalog_builtin_sync()[0]
+    tag = uuid.uuid4().hex[:8]
+    made_buyers = User.objects.bulk_create(
+        User(username=f"b{i}.{tag}@bench", email=f"b{i}.{tag}@bench", role="buyer") for i in range(buyers)
+    )
+    owners = User.objects.bulk_create(
+        User(username=f"o{i}.{tag}@bench", email=f"o{i}.{tag}@bench", role="host")
+        for i in range(max(1, hosts // 10))
+    )
+    now = timezone.now()
+    fleet = []
+    for i in range(hosts):
+        grid_w = rng.choice([-50.0, 0.0, 150.0, 400.0])  # ≤ 0: on solar/battery now
+        fleet.append(
+            Host(
+                owner=owners[i % len(owners)],
+                name=f"bench-{i}",
+                token_prefix="ht_bench",
+                token_digest=f"bench-{tag}-{i}",
+                status=Host.Status.ONLINE,
+                ready=True,
+                channel_name=f"bench.host.{tag}.{i}",
+                connected_at=now,
+                last_seen_at=now,
+                slots=rng.choice([1, 1, 2, 2, 4]),
+                device="cuda",
+                memory_mb=rng.choice([512, 4096, 8192, 16384, 24576]),
+                policy={"price_per_1k_items_minor": rng.randint(10, 90)},
+                region=rng.choice(REGIONS),
+                power_source="grid" if grid_w > 0 else "solar",
+                power_at=now,
+                gpu_w=rng.uniform(50, 300),
+                battery_soc_pct=rng.uniform(40, 100),
+                solar_w=rng.uniform(0, 3000),
+                grid_w=grid_w,
+                load_w=rng.uniform(200, 900),
+                benchmark={"minilm_items_per_s": rng.uniform(20, 1500)},
+                benchmark_at=now,
+                hardware_ok=True,
+                verified_at=now,
+                pass_streak=100,  # checked at the minimum canary rate, as a long-serving host is
+                reliability=rng.uniform(0.5, 1.0),
+            )
+        )
+    Host.objects.bulk_create(fleet, batch_size=2000)
+    return model, made_buyers
+
+
+def seed_tasks(*, model: Any, buyers: list[Any], tasks: int, jobs: int, rng: random.Random) -> list[Any]:
+    """`tasks` queued tasks (10 short items each) in `jobs` jobs of the buyers, bulk-inserted."""
+    from marketplace.jobs.models import Job, Task
+
+    made = Job.objects.bulk_create(
+        Job(
+            buyer=buyers[i % len(buyers)],
+            model=model,
+            task_size=10,
+            items_total=0,
+            max_price_per_1k_minor=rng.choice([60, 80, 100, 100]),
+            region=rng.choice(REGIONS + ("",) * 5),
+            priority=rng.randint(0, 9),
+            green_only=rng.random() < 0.05,
+        )
+        for i in range(jobs)
+    )
+    per_job = [tasks // jobs + (1 if i < tasks % jobs else 0) for i in range(jobs)]
+    inputs = [f"item {n}" for n in range(10)]
+
+    def rows() -> Iterator[Task]:
+        for job, count in zip(made, per_job, strict=True):
+            for index in range(count):
+                task = Task(
+                    job=job, index=index, first_item=index * 10, inputs=inputs, item_count=10, billable=True
+                )
+                task.group = task.pk
+                yield task
+
+    batch: list[Task] = []
+    for task in rows():
+        batch.append(task)
+        if len(batch) == 5000:
+            Task.objects.bulk_create(batch)
+            batch = []
+    Task.objects.bulk_create(batch)
+    for job, count in zip(made, per_job, strict=True):
+        job.items_total = count * 10
+    Job.objects.bulk_update(made, ["items_total"], batch_size=2000)
+    return made
+
+
+def hosts_answer() -> int:
+    """The simulated hosts finish everything they hold (not part of any timing)."""
+    from django.utils import timezone
+
+    from marketplace.jobs.models import Task
+    from marketplace.jobs.states import TaskStatus
+
+    return Task.objects.filter(status=TaskStatus.LEASED).update(
+        status=TaskStatus.SUCCEEDED, completed_at=timezone.now()
+    )
+
+
+def naive_claims(*, tasks: int) -> tuple[int, float]:
+    """One task per transaction: lock any queued task, lease it to the next host. No fairness,
+    filters or scores, so the cheapest one-at-a-time claim there is: generous to the baseline."""
+    from django.conf import settings
+    from django.db import connection, transaction
+    from django.db.models import F
+    from django.utils import timezone
+
+    from marketplace.hosts.models import Host
+    from marketplace.jobs.models import Task
+    from marketplace.jobs.states import TaskStatus
+
+    hosts = list(Host.objects.filter(status=Host.Status.ONLINE).values_list("pk", flat=True))
+    skip_locked = connection.features.has_select_for_update_skip_locked
+    done = 0
+    started = time.perf_counter()
+    for n in range(tasks):
+        now = timezone.now()
+        with transaction.atomic():
+            picked = Task.objects.filter(status=TaskStatus.QUEUED).order_by()
+            if skip_locked:
+                picked = picked.select_for_update(skip_locked=True)
+            task_id = picked.values_list("pk", flat=True).first()
+            if task_id is None:
+                break
+            done += Task.objects.filter(pk=task_id, status=TaskStatus.QUEUED).update(
+                status=TaskStatus.LEASED,
+                lease_id=uuid.uuid4(),
+                leased_to_id=hosts[n % len(hosts)],
+                lease_expires_at=now + timedelta(seconds=settings.HEARTH_LEASE_SECONDS),
+                assigned_at=now,
+                attempt=F("attempt") + 1,
+            )
+    return done, time.perf_counter() - started
+
+
+def sustained(*, limit: int) -> dict[str, Any]:
+    """Batch rounds until nothing is left that a host can take; the hosts answer between rounds."""
+    from marketplace.matching.services import tasks_claim_batch
+
+    assigned: list[uuid.UUID] = []
+    in_rounds = 0.0
+    rounds = 0
+    while True:
+        started = time.perf_counter()
+        got = tasks_claim_batch(limit=limit)
+        in_rounds += time.perf_counter() - started
+        rounds += 1
+        leased = [a.task_id for assignments in got.values() for a in assignments]
+        if not leased:
+            break
+        assigned.extend(leased)
+        hosts_answer()
+    return {"assigned": assigned, "seconds": in_rounds, "rounds": rounds}
+
+
+def half_load(*, model: Any, buyers: list[Any], rate: float, seconds: float, limit: int) -> dict[str, Any]:
+    """Submit tasks on a schedule at `rate` per second while rounds run; each task's latency."""
+    from marketplace.jobs.models import Job, Task
+    from marketplace.matching.services import tasks_claim_batch
+
+    jobs = Job.objects.bulk_create(
+        Job(buyer=buyer, model=model, task_size=10, items_total=0, max_price_per_1k_minor=100)
+        for buyer in buyers[:20]
+    )
+    inputs = [f"item {n}" for n in range(10)]
+    submitted_at: dict[uuid.UUID, float] = {}
+    latencies_ms: list[float] = []
+    start = time.perf_counter()
+    made = 0
+    while True:
+        now = time.perf_counter()
+        if now - start >= seconds and len(latencies_ms) == made:
+            break
+        due = min(int((now - start) * rate), int(seconds * rate)) - made
+        if due > 0:
+            batch = []
+            for k in range(made, made + due):
+                job = jobs[k % len(jobs)]
+                task = Task(job=job, index=k, first_item=k * 10, inputs=inputs, item_count=10, billable=True)
+                task.group = task.pk
+                batch.append(task)
+                submitted_at[task.pk] = start + k / rate  # when the buyer submitted it, on schedule
+            Task.objects.bulk_create(batch)
+            made += due
+        got = tasks_claim_batch(limit=limit)
+        ended = time.perf_counter()
+        for assignments in got.values():
+            latencies_ms.extend((ended - submitted_at.pop(a.task_id)) * 1000 for a in assignments)
+        hosts_answer()
+        if not got and now - start >= seconds:
+            break  # what is left no host can take
+    latencies_ms.sort()
+    return {"submitted": made, "latencies_ms": latencies_ms}
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def run(
+    *,
+    hosts: int,
+    tasks: int,
+    buyers: int,
+    jobs: int,
+    limit: int,
+    baseline_tasks: int,
+    latency_s: float,
+    seed: int = 7,
+) -> dict[str, Any]:
+    """The whole benchmark on the database Django points at; the figures as one dict."""
+    from django.test import override_settings
+
+    from marketplace.jobs.models import Task
+
+    rng = random.Random(seed)
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    model, made_buyers = seed_fleet(hosts=hosts, buyers=buyers, rng=rng)
+    seed_tasks(model=model, buyers=made_buyers, tasks=tasks, jobs=jobs, rng=rng)
+    timings["seed_s"] = time.perf_counter() - started
+
+    baseline_done, baseline_s = naive_claims(tasks=baseline_tasks)
+    hosts_answer()
+    # The bench has no canary bank; with none, a canary attempt costs one query and leases nothing.
+    with override_settings(HEARTH_CANARY_RATE_MIN=0.0, HEARTH_CANARY_RATE_MAX=0.0):
+        batch = sustained(limit=limit)
+        tasks_per_s = len(batch["assigned"]) / batch["seconds"] if batch["seconds"] else 0.0
+        load = half_load(
+            model=model,
+            buyers=made_buyers,
+            rate=max(1.0, tasks_per_s / 2),
+            seconds=latency_s,
+            limit=limit,
+        )
+    latencies = load["latencies_ms"]
+    baseline_per_s = baseline_done / baseline_s if baseline_s else 0.0
+    assigned_once = len(batch["assigned"]) == len(set(batch["assigned"]))
+    return {
+        "tasks_per_s": round(tasks_per_s, 1),
+        "p50_assign_ms": round(_percentile(latencies, 0.50), 2),
+        "p99_assign_ms": round(_percentile(latencies, 0.99), 2),
+        "baseline_tasks_per_s": round(baseline_per_s, 1),
+        "ratio_vs_baseline": round(tasks_per_s / baseline_per_s, 2) if baseline_per_s else None,
+        "ratio_vs_boinc": round(tasks_per_s / BOINC_TASKS_PER_S, 2),
+        "hosts": hosts,
+        "tasks": tasks,
+        "buyers": buyers,
+        "jobs": jobs,
+        "round_limit": limit,
+        "rounds": batch["rounds"],
+        "batch_assigned": len(batch["assigned"]),
+        "batch_seconds": round(batch["seconds"], 2),
+        "baseline_assigned": baseline_done,
+        "assigned_once": assigned_once,
+        "half_load_submitted": load["submitted"],
+        "half_load_assigned": len(latencies),
+        "left_queued": Task.objects.filter(status="queued").count(),
+        "seed_s": round(timings["seed_s"], 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--hosts", type=int, default=10_000)
+    parser.add_argument("--tasks", type=int, default=100_000)
+    parser.add_argument("--buyers", type=int, default=200)
+    parser.add_argument("--jobs", type=int, default=1000)
+    parser.add_argument("--limit", type=int, default=20_000, help="tasks a batch round leases at most")
+    parser.add_argument("--baseline-tasks", type=int, default=3000)
+    parser.add_argument("--latency-s", type=float, default=10.0)
+    args = parser.parse_args()
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+    from bench._pg import bench_database, setup_django
+
+    with bench_database() as database:
+        setup_django(database)
+        figures = run(
+            hosts=args.hosts,
+            tasks=args.tasks,
+            buyers=args.buyers,
+            jobs=args.jobs,
+            limit=args.limit,
+            baseline_tasks=args.baseline_tasks,
+            latency_s=args.latency_s,
+        )
+    for key, value in figures.items():
+        print(f"{key:24}{value}", file=sys.stderr)
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""`python -m bench.dispatch` at a toy scale on the test database: it runs, and it leases each task once."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.dispatch import run
+from marketplace.jobs.models import Task
+
+KEYS = {
+    "tasks_per_s",
+    "p50_assign_ms",
+    "p99_assign_ms",
+    "baseline_tasks_per_s",
+    "ratio_vs_baseline",
+    "ratio_vs_boinc",
+    "batch_assigned",
+    "baseline_assigned",
+    "half_load_submitted",
+    "half_load_assigned",
+    "left_queued",
+}
+
+
+@pytest.mark.django_db
+def test_the_dispatch_bench_reports_its_figures_and_leases_every_task_exactly_once() -> None:
+    figures = run(hosts=50, tasks=500, buyers=5, jobs=10, limit=200, baseline_tasks=20, latency_s=0.3)
+    assert set(figures) >= KEYS
+    assert figures["assigned_once"] is True
+    assert figures["baseline_assigned"] == 20
+    assert figures["batch_assigned"] > 0
+    assert figures["half_load_assigned"] == figures["half_load_submitted"]
+    leased = figures["batch_assigned"] + figures["baseline_assigned"] + figures["half_load_assigned"]
+    assert Task.objects.exclude(status="queued").count() == leased
+    assert not Task.objects.filter(attempt__gt=1).exists()
+    assert Task.objects.filter(status="queued").count() == figures["left_queued"]

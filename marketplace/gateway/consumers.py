@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
@@ -39,6 +40,18 @@ def _bearer_token(scope: dict[str, Any]) -> str | None:
             if len(parts) == 2 and parts[0].lower() == "bearer":
                 return parts[1]
     return None
+
+
+async def _record_heartbeat(*, host_id: Any, channel_name: str, payload: protocol.HeartbeatPayload) -> None:
+    if settings.HEARTH_PRESENCE == "db":
+        await database_sync_to_async(host_services.host_heartbeat)(
+            host_id=host_id, channel_name=channel_name, payload=payload
+        )
+    else:
+        # A presence-store write, not a query: off the one thread that serializes database work.
+        await sync_to_async(host_services.host_heartbeat, thread_sensitive=False)(
+            host_id=host_id, channel_name=channel_name, payload=payload
+        )
 
 
 class AgentConsumer(AsyncWebsocketConsumer):
@@ -89,9 +102,13 @@ class AgentConsumer(AsyncWebsocketConsumer):
                 )
                 await self._claim_and_assign()
             case protocol.Heartbeat():
-                await database_sync_to_async(host_services.host_heartbeat)(
+                await _record_heartbeat(
                     host_id=self.host_id, channel_name=self.channel_name, payload=frame.payload
                 )
+                if frame.payload.ack:
+                    await self._send_frame(
+                        protocol.HeartbeatAck(payload=protocol.HeartbeatAckPayload(heartbeat_id=frame.id))
+                    )
                 await self._claim_and_assign()
             case protocol.TaskResult():
                 outcome = await database_sync_to_async(job_services.task_result_accept)(

@@ -85,7 +85,15 @@ TEMPLATES = [
 
 DATABASE_URL = env_optional("DATABASE_URL")
 if DATABASE_URL:
-    DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=0)}
+    # Kept open between calls (checked before reuse): the server's database work runs on one thread,
+    # and reconnecting for every agent frame cost more than the frame's queries (bench.fanin).
+    DATABASES = {
+        "default": dj_database_url.parse(
+            DATABASE_URL,
+            conn_max_age=env_int("HEARTH_DB_CONN_MAX_AGE", 60, minimum=0),
+            conn_health_checks=True,
+        )
+    }
     DATABASES["default"].setdefault("TEST", {})
 else:
     DATABASES = {

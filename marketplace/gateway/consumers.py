@@ -22,6 +22,7 @@ from marketplace.hosts import services as host_services
 from marketplace.hosts.models import Host
 from marketplace.hosts.power import power_record
 from marketplace.jobs import services as job_services
+from marketplace.matching.selectors import tasks_queued_cached, tasks_queued_recently
 from marketplace.matching.services import tasks_claim_for_host
 from marketplace.trust.services import host_benchmark_record
 
@@ -52,6 +53,13 @@ async def _record_heartbeat(*, host_id: Any, channel_name: str, payload: protoco
         await sync_to_async(host_services.host_heartbeat, thread_sensitive=False)(
             host_id=host_id, channel_name=channel_name, payload=payload
         )
+
+
+async def _tasks_queued() -> bool:
+    cached = tasks_queued_cached()
+    if cached is not None:
+        return cached
+    return await database_sync_to_async(tasks_queued_recently)()
 
 
 class AgentConsumer(AsyncWebsocketConsumer):
@@ -109,7 +117,10 @@ class AgentConsumer(AsyncWebsocketConsumer):
                     await self._send_frame(
                         protocol.HeartbeatAck(payload=protocol.HeartbeatAckPayload(heartbeat_id=frame.id))
                     )
-                await self._claim_and_assign()
+                # A safety net for a lost poke, not the way work arrives (pokes, results and power
+                # frames claim): only when something is queued, which one query a second answers.
+                if frame.payload.free_slots and await _tasks_queued():
+                    await self._claim_and_assign()
             case protocol.TaskResult():
                 outcome = await database_sync_to_async(job_services.task_result_accept)(
                     host_id=self.host_id, payload=frame.payload

@@ -253,7 +253,7 @@ class Fleet:
         self.interval_s = interval_s
         self.stats = ClientStats()
         self.measuring = False
-        self.gate = asyncio.Semaphore(64)
+        self.gate = asyncio.Semaphore(16)
         self.tasks: set[asyncio.Task[None]] = set()
 
     async def connect(self, agent: Agent) -> bool:

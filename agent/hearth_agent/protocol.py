@@ -138,6 +138,12 @@ class HeartbeatPayload(_Strict):
     status: Literal["idle", "busy", "draining"]
     free_slots: int = Field(ge=0)
     running: list[str] = Field(default=[], description="lease ids the agent holds")
+    # Optional and off by default, so old agents and old servers keep speaking to new ones.
+    ack: bool = Field(default=False, description="ask the server to answer with heartbeat.ack")
+
+
+class HeartbeatAckPayload(_Strict):
+    heartbeat_id: str = Field(description="the `id` of the heartbeat frame being answered")
 
 
 class TaskAssignPayload(_Strict):
@@ -250,6 +256,13 @@ class Heartbeat(_Frame):
     payload: HeartbeatPayload
 
 
+class HeartbeatAck(_Frame):
+    """Sent only for a heartbeat that asked (`ack: true`): a round trip for probes and benchmarks."""
+
+    type: Literal["heartbeat.ack.v1"] = "heartbeat.ack.v1"
+    payload: HeartbeatAckPayload
+
+
 class TaskAssign(_Frame):
     type: Literal["task.assign.v1"] = "task.assign.v1"
     payload: TaskAssignPayload
@@ -306,12 +319,13 @@ class Benchmark(_Frame):
 
 
 AgentFrame = Hello | Ready | Heartbeat | TaskResult | TaskFailed | TaskRelease | Power | Drain | Benchmark
-ServerFrame = Welcome | TaskAssign | TaskCancel | TaskRejected | Config | BenchmarkRequest
+ServerFrame = Welcome | HeartbeatAck | TaskAssign | TaskCancel | TaskRejected | Config | BenchmarkRequest
 Frame = Annotated[
     Hello
     | Welcome
     | Ready
     | Heartbeat
+    | HeartbeatAck
     | TaskAssign
     | TaskResult
     | TaskFailed

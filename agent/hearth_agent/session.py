@@ -33,6 +33,7 @@ from hearth_agent.protocol import (
     Drain,
     DrainPayload,
     Heartbeat,
+    HeartbeatAck,
     HeartbeatPayload,
     Hello,
     HelloPayload,
@@ -319,6 +320,8 @@ class AgentSession:
                 log.warning(
                     "server rejected the result of task %s (lease %s): %s", p.task_id, p.lease_id, p.reason
                 )
+            elif isinstance(frame, HeartbeatAck):
+                pass  # this agent never asks for one; a server that answers anyway is harmless
             elif isinstance(frame, Welcome):
                 log.info("server re-sent welcome; heartbeat every %.1f s", frame.payload.heartbeat_interval_s)
                 self.heartbeat_interval_s = frame.payload.heartbeat_interval_s

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from datetime import datetime
 
 from channels.db import database_sync_to_async
 from django.conf import settings
@@ -17,23 +18,27 @@ from django.utils import timezone
 logger = logging.getLogger(__name__)
 
 
-def sweep_once() -> tuple[int, int]:
+def sweep_once(*, now: datetime | None = None) -> tuple[int, int]:
+    """One round of the periodic work at `now` (the clock by default); (leases expired, hosts gone offline)."""
     from marketplace.billing.services import earnings_mature
     from marketplace.hosts.power import power_rollup
-    from marketplace.hosts.services import hosts_sweep_offline
+    from marketplace.hosts.services import hosts_presence_flush, hosts_sweep_offline
     from marketplace.jobs.services import jobs_fail_past_deadline, leases_requeue_expired
     from marketplace.trust.selectors import owners_with_withheld_earnings
     from marketplace.trust.services import hosts_request_benchmark
 
-    power_rollup()
-    hosts_request_benchmark()
+    # Heartbeats since the last sweep first: the lease and offline checks below read what they wrote.
+    hosts_presence_flush()
+    now = now or timezone.now()
+    power_rollup(now=now)
+    hosts_request_benchmark(now=now)
     # Pending host earnings past the verification window become available, except a quarantined
     # machine's owner's, which wait for review.
-    earnings_mature(now=timezone.now(), withheld_owner_ids=owners_with_withheld_earnings())
-    past_deadline = jobs_fail_past_deadline(now=timezone.now())
+    earnings_mature(now=now, withheld_owner_ids=owners_with_withheld_earnings())
+    past_deadline = jobs_fail_past_deadline(now=now)
     if past_deadline:
         logger.info("sweep: %d queued jobs failed past their deadline", past_deadline)
-    return leases_requeue_expired(), hosts_sweep_offline()
+    return leases_requeue_expired(now=now), hosts_sweep_offline(now=now)
 
 
 def payouts_once() -> int:

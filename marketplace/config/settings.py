@@ -12,6 +12,7 @@ from pathlib import Path
 import dj_database_url
 
 from marketplace.config.env import (
+    ImproperEnvironment,
     env_bool,
     env_choice,
     env_float,
@@ -84,7 +85,15 @@ TEMPLATES = [
 
 DATABASE_URL = env_optional("DATABASE_URL")
 if DATABASE_URL:
-    DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=0)}
+    # Kept open between calls (checked before reuse): the server's database work runs on one thread,
+    # and reconnecting for every agent frame cost more than the frame's queries (bench.fanin).
+    DATABASES = {
+        "default": dj_database_url.parse(
+            DATABASE_URL,
+            conn_max_age=env_int("HEARTH_DB_CONN_MAX_AGE", 60, minimum=0),
+            conn_health_checks=True,
+        )
+    }
     DATABASES["default"].setdefault("TEST", {})
 else:
     DATABASES = {
@@ -132,7 +141,20 @@ HEARTH_SWEEP_INTERVAL_S = env_float("HEARTH_SWEEP_INTERVAL_S", 2.0, minimum=0.1)
 
 # Dispatch and agents.
 HEARTH_HEARTBEAT_INTERVAL_S = env_float("HEARTH_HEARTBEAT_INTERVAL_S", 10.0, minimum=0.1)
-HEARTH_OFFLINE_AFTER_BEATS = env_int("HEARTH_OFFLINE_AFTER_BEATS", 3, minimum=2)
+# A host is offline once this many heartbeat intervals pass without one. Below 2 so that a host
+# which vanishes without a disconnect (SIGSTOP, a dropped network) is swept within two intervals of
+# its last beat, plus one sweep interval; 1.5 leaves half an interval for a late beat.
+HEARTH_OFFLINE_AFTER_BEATS = env_float("HEARTH_OFFLINE_AFTER_BEATS", 1.5, minimum=1.1)
+# Where heartbeats land before the sweep flushes them to the hosts table in batches: "memory" (this
+# process; the embedded default), "redis" (shared by every server process and the Celery worker), or
+# "db" (the old path: one UPDATE per beat; kept as the fan-in bench's baseline).
+HEARTH_PRESENCE = env_choice("HEARTH_PRESENCE", "redis" if REDIS_URL else "memory", ("memory", "redis", "db"))
+if HEARTH_PRESENCE == "memory" and HEARTH_BACKGROUND == "celery":
+    raise ImproperEnvironment(
+        "HEARTH_PRESENCE=memory needs HEARTH_BACKGROUND=inprocess: a Celery sweeper cannot read this memory"
+    )
+if HEARTH_PRESENCE == "redis" and not REDIS_URL:
+    raise ImproperEnvironment("HEARTH_PRESENCE=redis needs REDIS_URL")
 HEARTH_POWER_INTERVAL_S = env_float("HEARTH_POWER_INTERVAL_S", 10.0, minimum=0.1)
 HEARTH_LEASE_SECONDS = env_float("HEARTH_LEASE_SECONDS", 120.0, minimum=1.0)
 HEARTH_MAX_ATTEMPTS = env_int("HEARTH_MAX_ATTEMPTS", 3, minimum=1)

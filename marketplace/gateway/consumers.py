@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
@@ -22,6 +23,7 @@ from marketplace.hosts import services as host_services
 from marketplace.hosts.models import Host
 from marketplace.hosts.power import power_record
 from marketplace.jobs import services as job_services
+from marketplace.matching.selectors import tasks_queued_cached, tasks_queued_recently
 from marketplace.matching.services import tasks_claim_for_host
 from marketplace.trust.services import host_benchmark_record
 
@@ -40,6 +42,25 @@ def _bearer_token(scope: dict[str, Any]) -> str | None:
             if len(parts) == 2 and parts[0].lower() == "bearer":
                 return parts[1]
     return None
+
+
+async def _record_heartbeat(*, host_id: Any, channel_name: str, payload: protocol.HeartbeatPayload) -> None:
+    if settings.HEARTH_PRESENCE == "db":
+        await database_sync_to_async(host_services.host_heartbeat)(
+            host_id=host_id, channel_name=channel_name, payload=payload
+        )
+    else:
+        # A presence-store write, not a query: off the one thread that serializes database work.
+        await sync_to_async(host_services.host_heartbeat, thread_sensitive=False)(
+            host_id=host_id, channel_name=channel_name, payload=payload
+        )
+
+
+async def _tasks_queued() -> bool:
+    cached = tasks_queued_cached()
+    if cached is not None:
+        return cached
+    return await database_sync_to_async(tasks_queued_recently)()
 
 
 class AgentConsumer(AsyncWebsocketConsumer):
@@ -90,10 +111,17 @@ class AgentConsumer(AsyncWebsocketConsumer):
                 )
                 await self._claim_and_assign()
             case protocol.Heartbeat():
-                await database_sync_to_async(host_services.host_heartbeat)(
+                await _record_heartbeat(
                     host_id=self.host_id, channel_name=self.channel_name, payload=frame.payload
                 )
-                await self._claim_and_assign()
+                if frame.payload.ack:
+                    await self._send_frame(
+                        protocol.HeartbeatAck(payload=protocol.HeartbeatAckPayload(heartbeat_id=frame.id))
+                    )
+                # A safety net for a lost poke, not the way work arrives (pokes, results and power
+                # frames claim): only when something is queued, which one query a second answers.
+                if frame.payload.free_slots and await _tasks_queued():
+                    await self._claim_and_assign()
             case protocol.TaskResult():
                 outcome = await database_sync_to_async(job_services.task_result_accept)(
                     host_id=self.host_id, payload=frame.payload

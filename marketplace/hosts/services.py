@@ -9,6 +9,7 @@ from datetime import datetime, timedelta
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
+from django.db.models import Case, DateTimeField, F, Q, Value, When
 from django.utils import timezone
 
 from hearth_agent import protocol
@@ -17,6 +18,7 @@ from marketplace.accounts.models import User
 from marketplace.accounts.tokens import secret_digest, secret_issue
 from marketplace.gateway import notify
 from marketplace.hosts.models import EnrollmentToken, Host
+from marketplace.hosts.presence import Beat, presence_store
 from marketplace.matching.regions import check_region
 from marketplace.trust.services import host_benchmark_record, score_update, session_end, session_start
 
@@ -138,16 +140,58 @@ def host_ready(*, host_id: uuid.UUID, channel_name: str, payload: protocol.Ready
     )
 
 
-def host_heartbeat(*, host_id: uuid.UUID, channel_name: str, payload: protocol.HeartbeatPayload) -> None:
-    """Push `offline_after` forward and renew the leases the agent says it holds."""
-    from marketplace.jobs.services import leases_renew
+def host_heartbeat(
+    *, host_id: uuid.UUID, channel_name: str, payload: protocol.HeartbeatPayload, now: datetime | None = None
+) -> None:
+    """Note that the connection is alive and which leases it holds.
 
-    now = timezone.now()
-    Host.objects.filter(pk=host_id, channel_name=channel_name).update(
-        last_seen_at=now, offline_after=_offline_after(now), status=Host.Status.ONLINE
+    The beat goes to the presence store; the sweep's `hosts_presence_flush` moves `offline_after`
+    and renews the leases. `HEARTH_PRESENCE=db` writes through at once instead (the old path).
+    """
+    now = now or timezone.now()
+    if settings.HEARTH_PRESENCE == "db":
+        _presence_write(
+            [Beat(host_id=host_id, channel_name=channel_name, at=now, running=tuple(payload.running))]
+        )
+        return
+    presence_store().record(
+        Beat(host_id=host_id, channel_name=channel_name, at=now, running=tuple(payload.running))
     )
-    if payload.running:
-        leases_renew(host_id=host_id, lease_ids=payload.running, now=now)
+
+
+PRESENCE_BATCH = 500
+
+
+def hosts_presence_flush() -> int:
+    """Write the heartbeats recorded since the last flush; return how many connections they came from.
+
+    Two UPDATEs per batch of `PRESENCE_BATCH` connections, however often each one beat. Only the
+    connection a host row still names moves its `offline_after`: a replaced socket's beat cannot
+    revive the host.
+    """
+    beats = presence_store().drain()
+    for start in range(0, len(beats), PRESENCE_BATCH):
+        _presence_write(beats[start : start + PRESENCE_BATCH])
+    return len(beats)
+
+
+def _presence_write(beats: list[Beat]) -> None:
+    from marketplace.jobs.services import leases_renew_many
+
+    current = Q()
+    seen: list[When] = []
+    until: list[When] = []
+    for beat in beats:
+        this = Q(pk=beat.host_id, channel_name=beat.channel_name)
+        current |= this
+        seen.append(When(this, then=Value(beat.at)))
+        until.append(When(this, then=Value(_offline_after(beat.at))))
+    Host.objects.filter(current).update(
+        last_seen_at=Case(*seen, default=F("last_seen_at"), output_field=DateTimeField()),
+        offline_after=Case(*until, default=F("offline_after"), output_field=DateTimeField()),
+        status=Host.Status.ONLINE,
+    )
+    leases_renew_many(held={(beat.host_id, beat.at): list(beat.running) for beat in beats if beat.running})
 
 
 @transaction.atomic

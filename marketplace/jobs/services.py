@@ -17,7 +17,7 @@ from typing import Any
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
-from django.db.models import F, Value
+from django.db.models import Case, DateTimeField, F, Q, Value, When
 from django.db.models.functions import Least
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
@@ -413,6 +413,37 @@ def leases_renew(*, host_id: uuid.UUID, lease_ids: list[str], now: datetime) -> 
             F("assigned_at") + timedelta(seconds=settings.HEARTH_TASK_MAX_RUNTIME_S),
         )
     )
+
+
+def leases_renew_many(*, held: dict[tuple[uuid.UUID, datetime], list[str]]) -> int:
+    """`leases_renew` for many heartbeats in one UPDATE: {(host id, beat time): lease ids}.
+
+    Each lease is extended from the time of the beat that listed it, as if renewed then.
+    """
+    match = Q()
+    until: list[When] = []
+    for (host_id, at), lease_ids in held.items():
+        valid = [lease for lease in (_uuid_or_none(raw) for raw in lease_ids) if lease is not None]
+        if not valid:
+            continue
+        this = Q(leased_to_id=host_id, lease_id__in=valid)
+        match |= this
+        until.append(When(this, then=Value(at + timedelta(seconds=settings.HEARTH_LEASE_SECONDS))))
+    if not until:
+        return 0
+    return Task.objects.filter(match, status=TaskStatus.LEASED).update(
+        lease_expires_at=Least(
+            Case(*until, output_field=DateTimeField()),
+            F("assigned_at") + timedelta(seconds=settings.HEARTH_TASK_MAX_RUNTIME_S),
+        )
+    )
+
+
+def _uuid_or_none(raw: str) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(raw)
+    except ValueError:
+        return None
 
 
 # ---- results ----------------------------------------------------------------

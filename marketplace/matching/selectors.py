@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict
 from datetime import datetime, timedelta
 from typing import Any
@@ -121,3 +122,24 @@ def _runs_rejection(*, task: Task, host: Host, now: datetime) -> str | None:
     if task.needs_trusted and not host_trusted(host=host, now=now):
         return "a tie-break runs only on a trusted host"
     return None
+
+
+_QUEUED_SEEN: tuple[float, bool] = (float("-inf"), True)
+
+
+def tasks_queued_recently(*, max_age_s: float = 1.0) -> bool:
+    """Whether any task was queued as of at most `max_age_s` ago: one query a second per process,
+    however many heartbeats ask. Call from sync code; `tasks_queued_cached` answers without I/O."""
+    global _QUEUED_SEEN
+    checked_at, queued = _QUEUED_SEEN
+    if time.monotonic() - checked_at <= max_age_s:
+        return queued
+    queued = Task.objects.filter(status=TaskStatus.QUEUED).exists()
+    _QUEUED_SEEN = (time.monotonic(), queued)
+    return queued
+
+
+def tasks_queued_cached(*, max_age_s: float = 1.0) -> bool | None:
+    """The answer of `tasks_queued_recently` if it is fresh, else None (ask it)."""
+    checked_at, queued = _QUEUED_SEEN
+    return queued if time.monotonic() - checked_at <= max_age_s else None

@@ -12,6 +12,8 @@ from hearth_agent.protocol import (
     PROTOCOL_VERSION,
     CloseCode,
     Heartbeat,
+    HeartbeatAck,
+    HeartbeatAckPayload,
     HeartbeatPayload,
     Hello,
     HelloPayload,
@@ -120,3 +122,14 @@ def test_embeddings_travel_as_little_endian_float32_with_a_digest() -> None:
         device="cpu",
     )
     assert np.array_equal(np.frombuffer(decode_embeddings(payload), dtype="<f4").reshape(2, 3), vectors)
+
+
+def test_a_heartbeat_without_the_ack_field_still_parses_and_asks_for_no_ack() -> None:
+    old = '{"type": "heartbeat.v1", "payload": {"status": "idle", "free_slots": 1}}'
+    assert parse_frame(old).payload.ack is False
+
+
+def test_a_heartbeat_ack_names_the_heartbeat_it_answers() -> None:
+    beat = Heartbeat(payload=HeartbeatPayload(status="idle", free_slots=1, ack=True))
+    ack = parse_frame(dump_frame(HeartbeatAck(payload=HeartbeatAckPayload(heartbeat_id=beat.id))))
+    assert isinstance(ack, HeartbeatAck) and ack.payload.heartbeat_id == beat.id

@@ -1,0 +1,97 @@
+"""Where heartbeats land between sweeps: the latest beat of each live connection, not a row write.
+
+The sweep drains the store and writes `last_seen_at`/`offline_after` (and lease renewals) for all
+hosts seen since the last flush in a few batched queries (`hosts.services.hosts_presence_flush`).
+`HEARTH_PRESENCE` picks the store: this process's memory (the embedded default) or Redis (every
+server process and the Celery worker share it).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from functools import cache
+from typing import Protocol
+
+from django.conf import settings
+
+
+@dataclass(frozen=True)
+class Beat:
+    """The latest heartbeat of one connection (a host with a stale and a new socket has two)."""
+
+    host_id: uuid.UUID
+    channel_name: str
+    at: datetime
+    running: tuple[str, ...] = ()
+
+
+class PresenceStore(Protocol):
+    def record(self, beat: Beat) -> None:
+        """Keep `beat`, replacing an earlier beat of the same connection."""
+
+    def drain(self) -> list[Beat]:
+        """Return every beat recorded since the last drain and forget them, atomically."""
+
+
+class MemoryPresence:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._beats: dict[tuple[uuid.UUID, str], Beat] = {}
+
+    def record(self, beat: Beat) -> None:
+        with self._lock:
+            self._beats[(beat.host_id, beat.channel_name)] = beat
+
+    def drain(self) -> list[Beat]:
+        with self._lock:
+            beats, self._beats = self._beats, {}
+        return list(beats.values())
+
+
+class RedisPresence:
+    KEY = "hearth:presence:beats"
+
+    def __init__(self, url: str) -> None:
+        import redis
+
+        self._redis = redis.Redis.from_url(url)
+
+    def record(self, beat: Beat) -> None:
+        value = json.dumps({"at": beat.at.isoformat(), "running": list(beat.running)})
+        self._redis.hset(self.KEY, f"{beat.host_id} {beat.channel_name}", value)
+
+    def drain(self) -> list[Beat]:
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.hgetall(self.KEY)
+        pipe.delete(self.KEY)
+        raw, _ = pipe.execute()
+        beats = []
+        for field, value in raw.items():
+            host_id, _, channel_name = field.decode().partition(" ")
+            data = json.loads(value)
+            beats.append(
+                Beat(
+                    host_id=uuid.UUID(host_id),
+                    channel_name=channel_name,
+                    at=datetime.fromisoformat(data["at"]),
+                    running=tuple(data["running"]),
+                )
+            )
+        return beats
+
+
+@cache
+def _store(kind: str, redis_url: str | None) -> PresenceStore:
+    if kind == "redis":
+        assert redis_url, "settings refuse HEARTH_PRESENCE=redis without REDIS_URL"
+        return RedisPresence(redis_url)
+    return MemoryPresence()
+
+
+def presence_store() -> PresenceStore:
+    """The store `HEARTH_PRESENCE` names (one per process and setting)."""
+    return _store(settings.HEARTH_PRESENCE, settings.REDIS_URL)

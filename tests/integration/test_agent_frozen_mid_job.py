@@ -1,0 +1,69 @@
+"""An agent SIGSTOPped mid-job (no disconnect, its socket stays open): the sweep marks it offline and
+requeues its lease within two heartbeat intervals, and another agent finishes the job."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from marketplace.devstack import LocalStack
+from tests.integration.conftest import TEST_SETTINGS
+
+pytestmark = pytest.mark.integration
+
+HEARTBEAT_S = float(TEST_SETTINGS["HEARTH_HEARTBEAT_INTERVAL_S"])
+SWEEP_S = float(TEST_SETTINGS["HEARTH_SWEEP_INTERVAL_S"])
+# Polling the API, the flush and a busy two-core machine.
+SLACK_S = 1.0
+
+
+def test_a_frozen_agent_goes_offline_within_two_heartbeats_and_another_agent_finishes_its_job(
+    stack: LocalStack,
+) -> None:
+    owner = stack.signup(email="frozen-test@example.com", role="host")
+    frozen = stack.start_agent(
+        name="frozen", home=stack.enroll_agent(name="frozen", token=stack.enrollment_token(owner=owner))
+    )
+    stack.wait_hosts_ready(owner=owner, count=1)
+
+    sentences = [f"Item {i}: the battery reported {i * 7 % 100}% charge." for i in range(400)]
+    api_key = stack.buyer()
+    with stack.client(headers={"Authorization": f"Bearer {api_key}"}) as http:
+        job_id = http.post(
+            "/api/v1/jobs", json={"model": "all-MiniLM-L6-v2", "inputs": sentences, "task_size": 8}
+        ).json()["id"]
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            host = http.get("/api/v1/hosts", auth=owner).json()[0]
+            if host["tasks_in_flight"] > 0:
+                break
+            time.sleep(0.02)
+        os.killpg(frozen.process.pid, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        try:
+            while time.monotonic() - stopped_at < 10:
+                host = http.get("/api/v1/hosts", auth=owner).json()[0]
+                if host["status"] == "offline":
+                    break
+                time.sleep(0.05)
+            gone_after = time.monotonic() - stopped_at
+            job = http.get(f"/api/v1/jobs/{job_id}").json()
+        finally:
+            frozen.kill()
+
+    print(f"offline and requeued {gone_after:.2f} s after SIGSTOP")
+    assert host["status"] == "offline" and host["tasks_in_flight"] == 0, host
+    assert gone_after <= 2 * HEARTBEAT_S + SWEEP_S + SLACK_S, gone_after
+    assert job["status"] != "succeeded", "the frozen agent finished the job before it was stopped"
+
+    survivor = stack.start_agent(
+        name="thawed-survivor",
+        home=stack.enroll_agent(name="thawed-survivor", token=stack.enrollment_token(owner=owner)),
+    )
+    job = stack.wait_job(api_key=api_key, job_id=job_id, timeout=180)
+    assert job["status"] == "succeeded", job
+    assert job["task_attempts"] > job["tasks"]["succeeded"] == 50
+    survivor.stop()

@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.ledger import _free_port, scratch_database, throwaway_postgres
+from bench._pg import _free_port, scratch_database, throwaway_postgres
 
 ROOT = Path(__file__).resolve().parent.parent
 HEARTBEAT_S = 10.0

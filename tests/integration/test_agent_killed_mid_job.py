@@ -24,11 +24,11 @@ def test_the_job_completes_on_the_other_agent_when_one_is_killed(stack: LocalSta
     )
     stack.wait_hosts_ready(owner=owner, count=2)
 
-    sentences = [f"Item {i}: the Powerwall reported {i * 7 % 100}% charge." for i in range(800)]
+    sentences = [f"Item {i}: the Powerwall reported {i * 7 % 100}% charge." for i in range(1280)]
     api_key = stack.buyer()
     with stack.client(headers={"Authorization": f"Bearer {api_key}"}) as http:
         job_id = http.post(
-            "/api/v1/jobs", json={"model": "all-MiniLM-L6-v2", "inputs": sentences, "task_size": 8}
+            "/api/v1/jobs", json={"model": "all-MiniLM-L6-v2", "inputs": sentences, "task_size": 32}
         ).json()["id"]
         # Kill the victim while it holds a lease, once some work is done.
         deadline = time.monotonic() + 120
@@ -52,7 +52,7 @@ def test_the_job_completes_on_the_other_agent_when_one_is_killed(stack: LocalSta
     assert hosts["victim"]["status"] == "offline"
     assert hosts["victim"]["tasks_in_flight"] == 0
     # The victim's leases were run again elsewhere: more leases than tasks.
-    assert job["task_attempts"] > job["tasks"]["succeeded"] == len(sentences) // 8
+    assert job["task_attempts"] > job["tasks"]["succeeded"] == len(sentences) // 32
     got = np.array([row["embedding"] for row in rows], dtype=np.float32)
     expected = minilm.encode(sentences, convert_to_numpy=True)
     assert float((got * expected).sum(axis=1).min()) >= 0.9999

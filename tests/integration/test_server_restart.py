@@ -17,7 +17,7 @@ def test_agents_reconnect_after_a_server_crash_and_finish_the_job(tmp_path: Any,
         workdir=tmp_path,
         agent_cache=agent_cache,
         settings_env={
-            "HEARTH_HEARTBEAT_INTERVAL_S": "1",
+            "HEARTH_HEARTBEAT_INTERVAL_S": "2",
             "HEARTH_SWEEP_INTERVAL_S": "0.5",
             "HEARTH_WORKER_THREADS": "1",
         },

@@ -218,8 +218,14 @@ def run(*, once: bool, items: int, port: int) -> int:
 
         buyer = stack.signup(email="buyer@demo.hearth", password="demo-buyer-password")
         api_key = stack.api_key(email=buyer[0], password=buyer[1], name="demo")
-        print("The buyer tops up $10.00 through Stripe Checkout (a local fake Stripe; webhook signed) …")
-        credit = stack.top_up(auth=buyer, amount_minor=1000)["buyer_credit_minor"]
+        # Each job holds escrow for its items at the default max price (the server's
+        # HEARTH_DEFAULT_MAX_PRICE_PER_1K_MINOR, 100 unless set) until it ends: enough for two jobs.
+        max_price = int(os.environ.get("HEARTH_DEFAULT_MAX_PRICE_PER_1K_MINOR", "100"))
+        topup = max(1000, 3 * items * max_price // 1000)
+        print(
+            f"The buyer tops up {_money(topup)} through Stripe Checkout (a local fake Stripe; webhook signed) …"
+        )
+        credit = stack.top_up(auth=buyer, amount_minor=topup)["buyer_credit_minor"]
         print(f"  credit: {_money(credit)}")
         print(f"Submitting {items} sentences to POST {stack.url}/api/v1/jobs (agents start cold) …")
         job_id, cold_seconds = _run_job(stack, api_key, sentences, expected)

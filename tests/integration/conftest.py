@@ -26,9 +26,12 @@ FAST_TRUST = {
 }
 
 TEST_SETTINGS = {
-    # A host is offline after 1.5 silent intervals (3 s): shorter windows make live agents on this
-    # busy two-core machine look vanished.
-    "HEARTH_HEARTBEAT_INTERVAL_S": "2",
+    # Beats every second and offline after three silent ones: two seconds of slack for a frame that
+    # waits behind database work on this busy two-core machine. The production rule (offline after
+    # 1.5 intervals, so within two) leaves half an interval, which at 1-2 s intervals swept live
+    # agents here; test_agent_frozen_mid_job checks that rule on its own stack.
+    "HEARTH_HEARTBEAT_INTERVAL_S": "1",
+    "HEARTH_OFFLINE_AFTER_BEATS": "3",
     "HEARTH_SWEEP_INTERVAL_S": "0.5",
     "HEARTH_LEASE_SECONDS": "30",
     # Two agents share two cores here; one torch thread each keeps them from thrashing.

@@ -62,7 +62,8 @@ def test_a_battery_under_the_reserve_stops_new_work_and_a_new_policy_resumes_it(
         agent_cache=agent_cache,
         settings_env={
             "HEARTH_POWER_INTERVAL_S": str(POWER_INTERVAL_S),
-            "HEARTH_HEARTBEAT_INTERVAL_S": "2",
+            "HEARTH_HEARTBEAT_INTERVAL_S": "1",
+            "HEARTH_OFFLINE_AFTER_BEATS": "3",
             **FAST_TRUST,
         },
     ).start()

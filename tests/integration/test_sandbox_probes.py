@@ -16,7 +16,11 @@ def test_a_contained_probe_fails_its_job_with_the_reason_and_the_agent_serves_th
 ) -> None:
     stack = LocalStack(
         workdir=tmp_path,
-        settings_env={"HEARTH_HEARTBEAT_INTERVAL_S": "2", "HEARTH_MAX_ATTEMPTS": "2"},
+        settings_env={
+            "HEARTH_HEARTBEAT_INTERVAL_S": "1",
+            "HEARTH_OFFLINE_AFTER_BEATS": "3",
+            "HEARTH_MAX_ATTEMPTS": "2",
+        },
         agent_cache=agent_cache,
     ).start()
     try:

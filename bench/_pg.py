@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import uuid
@@ -14,11 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from marketplace.devstack import free_port
 
 
 @contextlib.contextmanager
@@ -33,7 +28,7 @@ def throwaway_postgres() -> Iterator[str]:
     if os.geteuid() == 0:  # initdb and postgres refuse to run as root
         shutil.chown(root, "postgres", "postgres")
         as_pg = ["runuser", "-u", "postgres", "--"]
-    data, port = root / "data", _free_port()
+    data, port = root / "data", free_port()
 
     def run(*args: str) -> None:
         subprocess.run([*as_pg, *args], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

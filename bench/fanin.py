@@ -50,7 +50,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench._pg import _free_port, scratch_database, throwaway_postgres
+from bench._pg import scratch_database, throwaway_postgres
+from marketplace.devstack import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 HEARTBEAT_S = 10.0
@@ -64,7 +65,7 @@ def throwaway_redis() -> Iterator[str]:
     """`redis-server` on a free loopback port without persistence; stopped afterwards."""
     if shutil.which("redis-server") is None:
         raise SystemExit("no redis-server on PATH; set REDIS_URL instead")
-    port = _free_port()
+    port = free_port()
     root = Path(tempfile.mkdtemp(prefix="hearth-bench-redis-"))
     process = subprocess.Popen(
         ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--dir", str(root)],
@@ -431,7 +432,7 @@ def run_phase(
     storm: int,
     workdir: Path,
 ) -> Phase:
-    port = _free_port()
+    port = free_port()
     server = Server(port=port, env=server_env, log_path=workdir / f"server-{port}.log").start()
     fleet = Clients(f"ws://127.0.0.1:{port}/ws/agent/", tokens, clients, HEARTBEAT_S)
     phase = Phase()

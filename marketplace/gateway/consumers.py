@@ -145,7 +145,11 @@ class AgentConsumer(AsyncWebsocketConsumer):
                     payload=frame.payload,
                     at=timezone.now(),
                 )
-                await self._claim_and_assign()
+                # A new reading can make the host eligible (on surplus, policy window open), but the
+                # claim is only worth its queries when something is queued: every host sends one of
+                # these every HEARTH_POWER_INTERVAL_S.
+                if await _tasks_queued():
+                    await self._claim_and_assign()
             case protocol.Drain():
                 await database_sync_to_async(host_services.host_set_draining)(
                     host_id=self.host_id, channel_name=self.channel_name, payload=frame.payload

@@ -1,0 +1,100 @@
+"""A power frame claims work for its host only when something is queued: every host sends one every
+power interval, and at fleet scale a claim per frame would be the read load heartbeats shed.
+
+Drives the real consumer with ASGI websocket events (asgiref's ApplicationCommunicator: Channels'
+own WebsocketCommunicator needs daphne); the claim service is wrapped only to count its calls (it
+still runs)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from asgiref.sync import async_to_sync
+from asgiref.testing import ApplicationCommunicator
+
+from hearth_agent import protocol
+from marketplace.accounts.tokens import secret_issue
+from marketplace.gateway import consumers
+from marketplace.matching import selectors
+from tests import fake_runs
+from tests.factories import HostFactory
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+HELLO = protocol.Hello(
+    payload=protocol.HelloPayload(
+        agent_version="0.1.0",
+        protocol_version=protocol.PROTOCOL_VERSION,
+        hostname="box",
+        os="linux",
+        cpu_model="test cpu",
+        cpu_count=2,
+        memory_mb=8192,
+        device="cpu",
+        slots=2,
+    )
+)
+POWER = protocol.Power(payload=protocol.PowerPayload(source="simulator", grid_w=100.0, work_allowed=True))
+# free_slots=0: this heartbeat never claims, it only asks for an ack that every earlier frame is handled.
+BARRIER = protocol.Heartbeat(payload=protocol.HeartbeatPayload(status="busy", free_slots=0, ack=True))
+
+
+def _claims_during_a_power_frame(monkeypatch: pytest.MonkeyPatch) -> int:
+    secret = secret_issue("ht")
+    HostFactory(token_prefix=secret.prefix, token_digest=secret.digest)
+    calls: list[Any] = []
+    real_claim = consumers.tasks_claim_for_host
+
+    def counted_claim(**kwargs: Any) -> Any:
+        calls.append(kwargs)
+        return real_claim(**kwargs)
+
+    monkeypatch.setattr(consumers, "tasks_claim_for_host", counted_claim)
+
+    async def session() -> int:
+        scope = {
+            "type": "websocket",
+            "path": "/ws/agent/",
+            "query_string": b"",
+            "headers": [(b"authorization", f"Bearer {secret.plaintext}".encode())],
+            "subprotocols": [],
+        }
+        socket = ApplicationCommunicator(consumers.AgentConsumer.as_asgi(), scope)
+
+        async def send(frame: Any) -> None:
+            await socket.send_input({"type": "websocket.receive", "text": protocol.dump_frame(frame)})
+
+        async def received() -> str:
+            event = await socket.receive_output(timeout=10)
+            assert event["type"] == "websocket.send", event
+            return str(json.loads(event["text"])["type"])
+
+        await socket.send_input({"type": "websocket.connect"})
+        assert (await socket.receive_output(timeout=10))["type"] == "websocket.accept"
+        await send(HELLO)
+        assert [await received(), await received()] == ["welcome.v1", "config.v1"]
+        before = len(calls)
+        monkeypatch.setattr(selectors, "_QUEUED_SEEN", (float("-inf"), True))  # ask the database afresh
+        await send(POWER)
+        await send(BARRIER)
+        while await received() != "heartbeat.ack.v1":
+            pass  # task.assign frames of the claim, if any
+        claims = len(calls) - before
+        await socket.send_input({"type": "websocket.disconnect", "code": 1000})
+        await socket.wait(timeout=10)
+        return claims
+
+    return async_to_sync(session)()
+
+
+def test_a_power_frame_claims_nothing_when_no_task_is_queued(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert _claims_during_a_power_frame(monkeypatch) == 0
+
+
+def test_a_power_frame_claims_for_its_host_when_tasks_are_queued(
+    monkeypatch: pytest.MonkeyPatch, catalog: Any, buyer: Any
+) -> None:
+    fake_runs.job(buyer, n=4, task_size=2)
+    assert _claims_during_a_power_frame(monkeypatch) == 1

@@ -36,6 +36,9 @@ class PresenceStore(Protocol):
     def drain(self) -> list[Beat]:
         """Return every beat recorded since the last drain and forget them, atomically."""
 
+    def restore(self, beats: list[Beat]) -> None:
+        """Put back drained beats a flush could not write, unless their connection beat again since."""
+
 
 class MemoryPresence:
     def __init__(self) -> None:
@@ -51,6 +54,11 @@ class MemoryPresence:
             beats, self._beats = self._beats, {}
         return list(beats.values())
 
+    def restore(self, beats: list[Beat]) -> None:
+        with self._lock:
+            for beat in beats:
+                self._beats.setdefault((beat.host_id, beat.channel_name), beat)
+
 
 class RedisPresence:
     KEY = "hearth:presence:beats"
@@ -61,8 +69,19 @@ class RedisPresence:
         self._redis = redis.Redis.from_url(url)
 
     def record(self, beat: Beat) -> None:
+        self._redis.hset(self.KEY, *self._entry(beat))
+
+    def restore(self, beats: list[Beat]) -> None:
+        # HSETNX: a field present now was recorded after the drain, so it is the newer beat.
+        pipe = self._redis.pipeline(transaction=False)
+        for beat in beats:
+            pipe.hsetnx(self.KEY, *self._entry(beat))
+        pipe.execute()
+
+    @staticmethod
+    def _entry(beat: Beat) -> tuple[str, str]:
         value = json.dumps({"at": beat.at.isoformat(), "running": list(beat.running)})
-        self._redis.hset(self.KEY, f"{beat.host_id} {beat.channel_name}", value)
+        return f"{beat.host_id} {beat.channel_name}", value
 
     def drain(self) -> list[Beat]:
         pipe = self._redis.pipeline(transaction=True)

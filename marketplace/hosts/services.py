@@ -169,9 +169,16 @@ def hosts_presence_flush() -> int:
     connection a host row still names moves its `offline_after`: a replaced socket's beat cannot
     revive the host.
     """
-    beats = presence_store().drain()
+    store = presence_store()
+    beats = store.drain()
     for start in range(0, len(beats), PRESENCE_BATCH):
-        _presence_write(beats[start : start + PRESENCE_BATCH])
+        try:
+            _presence_write(beats[start : start + PRESENCE_BATCH])
+        except Exception:
+            # The database is away: keep what was not written for the next flush, or live hosts
+            # would be swept for beats they did send. Writing a batch again is harmless.
+            store.restore(beats[start:])
+            raise
     return len(beats)
 
 

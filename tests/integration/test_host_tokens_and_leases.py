@@ -12,30 +12,13 @@ import websockets
 
 from hearth_agent import protocol
 from marketplace.devstack import LocalStack
+from tests.frames import hello_frame
 
 pytestmark = pytest.mark.integration
 
 
 def _ws_url(stack: LocalStack) -> str:
     return stack.url.replace("http://", "ws://") + protocol.WS_PATH
-
-
-def _hello(slots: int = 1) -> str:
-    return protocol.dump_frame(
-        protocol.Hello(
-            payload=protocol.HelloPayload(
-                agent_version="test-client",
-                protocol_version=protocol.PROTOCOL_VERSION,
-                hostname="probe",
-                os="linux",
-                cpu_model="test",
-                cpu_count=1,
-                memory_mb=8192,
-                device="cpu",
-                slots=slots,
-            )
-        )
-    )
 
 
 async def _next_of_type(ws: Any, frame_type: str) -> dict[str, Any]:
@@ -61,7 +44,7 @@ async def _close_code_for(stack: LocalStack, token: str) -> int | None:
     ) as ws:
         try:
             # The server may close before the hello is even sent.
-            await ws.send(_hello())
+            await ws.send(hello_frame())
             while True:
                 await asyncio.wait_for(ws.recv(), timeout=10)
         except websockets.ConnectionClosed as closed:
@@ -106,7 +89,7 @@ def test_revoking_a_connected_host_closes_its_socket(stack: LocalStack) -> None:
         async with websockets.connect(
             _ws_url(stack), additional_headers={"Authorization": f"Bearer {token}"}
         ) as ws:
-            await ws.send(_hello())
+            await ws.send(hello_frame())
             assert json.loads(await ws.recv())["type"] == "welcome.v1"
             with stack.client(auth=owner) as http:
                 host_id = http.get("/api/v1/hosts").json()[0]["id"]
@@ -129,7 +112,7 @@ def test_a_result_sent_by_a_host_that_does_not_hold_the_lease_is_rejected(stack:
     async def scenario() -> tuple[dict[str, Any], protocol.TaskAssignPayload]:
         headers = {"Authorization": f"Bearer {holder_token}"}
         async with websockets.connect(_ws_url(stack), additional_headers=headers) as holder:
-            await holder.send(_hello())
+            await holder.send(hello_frame())
             await holder.recv()
             with stack.client(headers={"Authorization": f"Bearer {api_key}"}) as http:
                 await asyncio.to_thread(
@@ -164,7 +147,7 @@ def test_a_result_sent_by_a_host_that_does_not_hold_the_lease_is_rejected(stack:
             )
             intruder_headers = {"Authorization": f"Bearer {intruder_token}"}
             async with websockets.connect(_ws_url(stack), additional_headers=intruder_headers) as intruder:
-                await intruder.send(_hello())
+                await intruder.send(hello_frame())
                 await intruder.recv()
                 await intruder.send(protocol.dump_frame(forged))
                 reply = await _next_of_type(intruder, "task.rejected.v1")

@@ -20,22 +20,10 @@ from marketplace.gateway import consumers
 from marketplace.matching import selectors
 from tests import fake_runs
 from tests.factories import HostFactory
+from tests.frames import hello_frame
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-HELLO = protocol.Hello(
-    payload=protocol.HelloPayload(
-        agent_version="0.1.0",
-        protocol_version=protocol.PROTOCOL_VERSION,
-        hostname="box",
-        os="linux",
-        cpu_model="test cpu",
-        cpu_count=2,
-        memory_mb=8192,
-        device="cpu",
-        slots=2,
-    )
-)
 POWER = protocol.Power(payload=protocol.PowerPayload(source="simulator", grid_w=100.0, work_allowed=True))
 # free_slots=0: this heartbeat never claims, it only asks for an ack that every earlier frame is handled.
 BARRIER = protocol.Heartbeat(payload=protocol.HeartbeatPayload(status="busy", free_slots=0, ack=True))
@@ -63,8 +51,8 @@ def _claims_during_a_power_frame(monkeypatch: pytest.MonkeyPatch) -> int:
         }
         socket = ApplicationCommunicator(consumers.AgentConsumer.as_asgi(), scope)
 
-        async def send(frame: Any) -> None:
-            await socket.send_input({"type": "websocket.receive", "text": protocol.dump_frame(frame)})
+        async def send(text: str) -> None:
+            await socket.send_input({"type": "websocket.receive", "text": text})
 
         async def received() -> str:
             event = await socket.receive_output(timeout=10)
@@ -73,12 +61,12 @@ def _claims_during_a_power_frame(monkeypatch: pytest.MonkeyPatch) -> int:
 
         await socket.send_input({"type": "websocket.connect"})
         assert (await socket.receive_output(timeout=10))["type"] == "websocket.accept"
-        await send(HELLO)
+        await send(hello_frame(slots=2))
         assert [await received(), await received()] == ["welcome.v1", "config.v1"]
         before = len(calls)
         monkeypatch.setattr(selectors, "_QUEUED_SEEN", (float("-inf"), True))  # ask the database afresh
-        await send(POWER)
-        await send(BARRIER)
+        await send(protocol.dump_frame(POWER))
+        await send(protocol.dump_frame(BARRIER))
         while await received() != "heartbeat.ack.v1":
             pass  # task.assign frames of the claim, if any
         claims = len(calls) - before

@@ -77,8 +77,26 @@ def host_takes_work(host: HostView) -> Verdict:
         return Verdict(False, f"agent reports: {host.agent_verdict.reason}")
     # Hours are the agent's call (it knows its time zone); battery and solar rules
     # are checked here too, on the last reading, so a stale agent verdict cannot win.
-    site_rules = host.policy.model_copy(update={"allowed_hours": []})
-    return work_allowed(site_rules, host.power, local_hour=0)
+    return work_allowed(_site_rules(host.policy), host.power, local_hour=0)
+
+
+# The policy without its hours, by the policy's identity: a round asks this of thousands of hosts
+# that share a few policy instances (`host_policy` parses each document once), and copying a
+# pydantic model per host cost more than the rule itself. The entry keeps its policy alive, so an
+# id is never reused while it is here.
+_SITE_RULES: dict[int, tuple[EnergyPolicy, EnergyPolicy]] = {}
+_SITE_RULES_MAX = 10_000
+
+
+def _site_rules(policy: EnergyPolicy) -> EnergyPolicy:
+    cached = _SITE_RULES.get(id(policy))
+    if cached is not None and cached[0] is policy:
+        return cached[1]
+    rules = policy.model_copy(update={"allowed_hours": []})
+    if len(_SITE_RULES) >= _SITE_RULES_MAX:
+        _SITE_RULES.clear()
+    _SITE_RULES[id(policy)] = (policy, rules)
+    return rules
 
 
 def host_can_run(host: HostView, model: ModelNeeds, *, green_only: bool = False) -> str | None:

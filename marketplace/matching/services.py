@@ -20,6 +20,7 @@ give that host more tasks than it has slots.
 from __future__ import annotations
 
 import secrets
+import time
 import uuid
 from collections import deque
 from dataclasses import dataclass
@@ -45,10 +46,11 @@ from marketplace.matching.scoring import (
     fair_shares,
     fit_rejection,
     free_slots,
+    host_takes_work,
     match_score,
     pair_rejection,
 )
-from marketplace.matching.selectors import host_view, task_view
+from marketplace.matching.selectors import host_view, power_fresh_since, task_view
 from marketplace.trust.scoring import canary_rate
 from marketplace.trust.services import canary_lease, host_trusted
 
@@ -182,14 +184,22 @@ def _fair_pick(candidates: QuerySet[Task], *, slots: int, with_jobs: bool = True
     ordered = candidates.order_by("-needs_trusted", "-job__priority", "job__created_at", "index")
     if connection.features.has_select_for_update_skip_locked:
         ordered = ordered.select_for_update(skip_locked=True, of=("self",))
+    if with_jobs:
+        ordered = ordered.select_related("job__model")
+    else:
+        ordered = ordered.only("id", "job_id", "group", "needs_trusted", "item_count", "inputs")
+    if all(share == waiting[buyer_id]["queued"] for buyer_id, share in shares.items()):
+        # Every buyer gets all it has waiting: one statement locks what the per-buyer ones would
+        # (each buyer's unlocked candidates, a task queued since the count aside), and the rows go
+        # back into the buyers' turn order.
+        per_buyer: dict[int, list[Task]] = {buyer_id: [] for buyer_id in shares}
+        for task in ordered.filter(job__buyer_id__in=shares).annotate(turn_of=F("job__buyer_id")):
+            if len(per_buyer[task.turn_of]) < shares[task.turn_of]:
+                per_buyer[task.turn_of].append(task)
+        return [task for tasks in per_buyer.values() for task in tasks]
     rows: list[Task] = []
     for buyer_id, share in shares.items():
-        picked = ordered.filter(job__buyer_id=buyer_id)
-        if with_jobs:
-            picked = picked.select_related("job__model")
-        else:
-            picked = picked.only("id", "job_id", "group", "needs_trusted", "item_count", "inputs")
-        rows.extend(picked[:share])
+        rows.extend(ordered.filter(job__buyer_id=buyer_id)[:share])
     return rows
 
 
@@ -229,6 +239,9 @@ BATCH_LIMIT = 2000
 # tasks costs a handful of host views, not the whole fleet's (sampling, as Sparrow's schedulers do).
 HOST_SAMPLE_PER_TASK = 4
 HOST_SAMPLE_MIN = 32
+# How long a round trusts a reading of whether any host of the fleet could serve a job's shape at
+# all (`_fleet_serves`); the reading only sizes the sample, each round's own hosts decide the rest.
+SHAPE_VERDICT_S = 5.0
 
 
 @dataclass
@@ -256,6 +269,11 @@ def tasks_claim_batch(
     tie-breaks only on trusted hosts, canaries at the host's rate, the lease at the host's price.
     Among the hosts that may take a task, the one with the best `match_score` gets it.
 
+    Only jobs that some host of the round could serve take part (a job asking what no host of the
+    round offers must not take the round's slots from one that can run), and the round samples
+    hosts for the tasks of jobs that some host of the fleet could serve, not for work that no host
+    can take now (`_fleet_serves`: that work still gets the smallest sample every round).
+
     Unverified hosts are left to `tasks_claim_for_host`, which gives them known-answer tasks one at
     a time. Locking: the picked tasks are locked `FOR UPDATE SKIP LOCKED` on PostgreSQL (a claim
     running beside this one skips them) and the round's leases are written by one
@@ -266,24 +284,33 @@ def tasks_claim_batch(
     got: dict[uuid.UUID, list[Assignment]] = {}
     started: set[uuid.UUID] = set()
     messages: list[tuple[str, dict[str, object]]] = []
-    queued = Task.objects.filter(status=TaskStatus.QUEUED).exclude(role=TaskRole.CANARY).order_by()
-    waiting = queued[:limit].count()
-    if waiting == 0:
+    jobs = _waiting_jobs(now=now)
+    if not jobs:
         return {}
+    served = _fleet_serves({shape for shape, _ in jobs.values()}, now=now)
+    waiting = min(limit, sum(queued for shape, queued in jobs.values() if shape in served))
     sample = max(HOST_SAMPLE_MIN, HOST_SAMPLE_PER_TASK * waiting)
     with transaction.atomic():
         seats = _seats(host_ids=host_ids, now=now, sample=sample)
         if not seats:
             return {}
+        fits = {
+            shape: [seat for seat in seats if fit_rejection(shape, seat.view) is None]
+            for shape in {shape for shape, _ in jobs.values()}
+        }
+        runnable = [job_id for job_id, (shape, _) in jobs.items() if fits[shape]]
+        if not runnable:
+            return {}
         slots = min(limit, sum(seat.free for seat in seats))
-        tasks = _batch_pick(_batch_candidates(seats, now=now), slots=slots)
-        _batch_place(tasks, seats, now=now)
+        tasks = _batch_pick(_batch_candidates(seats, now=now).filter(job_id__in=runnable), slots=slots)
+        _batch_place(tasks, seats, fits, now=now)
         moved = _lease_planned(seats, expires=expires, now=now)
         for seat in seats:
             leased = [task for task in seat.planned if task.pk in moved]
             for task in leased:
                 task.lease_id, task.lease_expires_at = moved[task.pk], expires
-                started.add(task.job_id)
+                if task.job.status == JobStatus.QUEUED:  # as read this round; running jobs stay so
+                    started.add(task.job_id)
             assignments = [_assignment(task) for task in [*seat.canaries, *leased]]
             if assignments:
                 got[seat.host.pk] = assignments
@@ -293,10 +320,83 @@ def tasks_claim_batch(
     return got
 
 
-def _seats(*, host_ids: list[uuid.UUID] | None, now: datetime, sample: int) -> list[_Seat]:
-    """The round's hosts: online, verified, with a live connection and free slots; at most `sample`
-    of them, read in id order from a random id on (wrapping round), so every host gets its turn."""
-    hosts = (
+def _waiting_jobs(*, now: datetime) -> dict[uuid.UUID, tuple[TaskView, int]]:
+    """Each active job with queued tasks a host may start now: what its tasks ask of a host (as
+    `task_view` says) and how many of them wait."""
+    rows = (
+        Task.objects.filter(status=TaskStatus.QUEUED, job__status__in=JOB_ACTIVE, job__model__is_active=True)
+        .filter(Q(job__deadline__isnull=True) | Q(job__deadline__gt=now) | Q(job__status=JobStatus.RUNNING))
+        .exclude(role=TaskRole.CANARY)
+        .order_by()
+        .values(
+            "job_id",
+            "job__model__min_memory_mb",
+            "job__max_price_per_1k_minor",
+            "job__green_only",
+            "job__region",
+        )
+        .annotate(queued=Count("id"))
+    )
+    return {
+        row["job_id"]: (
+            TaskView(
+                min_memory_mb=row["job__model__min_memory_mb"],
+                max_price_per_1k_minor=row["job__max_price_per_1k_minor"],
+                green_only=row["job__green_only"],
+                region=row["job__region"],
+            ),
+            row["queued"],
+        )
+        for row in rows
+    }
+
+
+# shape → (time.monotonic() when read, whether some host of the fleet could serve it then)
+_SHAPE_VERDICTS: dict[TaskView, tuple[float, bool]] = {}
+_SHAPE_VERDICTS_MAX = 10_000
+
+
+def _fleet_serves(shapes: set[TaskView], *, now: datetime) -> set[TaskView]:
+    """Of `shapes`, those that some online, verified host taking work could serve (free slots or
+    not), as read at most `SHAPE_VERDICT_S` ago. A shape never read is read now; of the readings
+    gone stale, one a round is read again (the oldest) and the rest serve meanwhile, so a round
+    never stops to re-read them all at once."""
+    clock = time.monotonic()
+    unread = [shape for shape in shapes if shape not in _SHAPE_VERDICTS]
+    stale = sorted(
+        (
+            shape
+            for shape in shapes
+            if shape in _SHAPE_VERDICTS and clock - _SHAPE_VERDICTS[shape][0] > SHAPE_VERDICT_S
+        ),
+        key=lambda shape: _SHAPE_VERDICTS[shape][0],
+    )
+    if len(_SHAPE_VERDICTS) + len(unread) > _SHAPE_VERDICTS_MAX:
+        _SHAPE_VERDICTS.clear()
+        unread, stale = list(shapes), []
+    for shape in [*unread, *stale[:1]]:
+        _SHAPE_VERDICTS[shape] = (clock, _fleet_serves_one(shape, now=now))
+    return {shape for shape in shapes if _SHAPE_VERDICTS[shape][1]}
+
+
+def _fleet_serves_one(shape: TaskView, *, now: datetime) -> bool:
+    # The database narrows the fleet by what it can tell (memory, region, a fresh power reading for
+    # green-only work); `fit_rejection` and `host_takes_work` decide, stopping at the first host.
+    hosts = _dispatchable_hosts().filter(memory_mb__gte=shape.min_memory_mb)
+    if shape.region:
+        hosts = hosts.filter(region=shape.region)
+    if shape.green_only:
+        hosts = hosts.filter(power_at__gte=power_fresh_since(now))
+    for host in hosts.order_by().iterator(chunk_size=200):
+        view = host_view(host, now=now, leased=0)
+        if host_takes_work(view).allowed and fit_rejection(shape, view) is None:
+            return True
+    return False
+
+
+def _dispatchable_hosts() -> QuerySet[Host]:
+    """Hosts a batch round may seat, free slots aside: online, verified, with a live connection."""
+    return (
         Host.objects.filter(
             status=Host.Status.ONLINE,
             revoked_at__isnull=True,
@@ -307,6 +407,14 @@ def _seats(*, host_ids: list[uuid.UUID] | None, now: datetime, sample: int) -> l
         )
         .exclude(channel_name="")
         .exclude(hardware_ok=False)
+    )
+
+
+def _seats(*, host_ids: list[uuid.UUID] | None, now: datetime, sample: int) -> list[_Seat]:
+    """The round's hosts: online, verified, with a live connection and free slots; at most `sample`
+    of them, read in id order from a random id on (wrapping round), so every host gets its turn."""
+    hosts = (
+        _dispatchable_hosts()
         .annotate(in_flight=Count("leased_tasks", filter=Q(leased_tasks__status=TaskStatus.LEASED)))
         .filter(in_flight__lt=F("slots"))
         .order_by("pk")
@@ -365,16 +473,21 @@ def _batch_pick(candidates: QuerySet[Task], *, slots: int) -> list[Task]:
     ]
 
 
-def _batch_place(tasks: list[Task], seats: list[_Seat], *, now: datetime) -> None:
-    """Give each task, in turn, to the best-scoring host that may take it and has a slot left."""
+def _batch_place(
+    tasks: list[Task], seats: list[_Seat], fits: dict[TaskView, list[_Seat]], *, now: datetime
+) -> None:
+    """Give each task, in turn, to the best-scoring host that may take it and has a slot left.
+    `fits` holds, for each shape of job already looked at, the seats `fit_rejection` passes, in
+    seat order; a shape not in it (its job changed since the round read it) is looked at here."""
     ran = _runs_of_groups({task.group for task in tasks if task.group is not None})
     ranked: dict[TaskView, deque[_Seat]] = {}
     for task in tasks:
         wants = task_view(task.job)
         if wants not in ranked:
-            fits = [seat for seat in seats if fit_rejection(wants, seat.view) is None]
+            if wants not in fits:
+                fits[wants] = [seat for seat in seats if fit_rejection(wants, seat.view) is None]
             # Stable: equal scores keep the hosts' order, so a round is repeatable.
-            ranked[wants] = deque(sorted(fits, key=lambda seat: -match_score(wants, seat.view).total))
+            ranked[wants] = deque(sorted(fits[wants], key=lambda seat: -match_score(wants, seat.view).total))
         seat = _first_seat(task, ranked[wants], ran=ran, now=now)
         if seat is None:
             continue
@@ -415,8 +528,10 @@ def _runs_of_groups(groups: set[uuid.UUID]) -> set[tuple[uuid.UUID, uuid.UUID]]:
     if not groups:
         return set()
     pairs: set[tuple[uuid.UUID, uuid.UUID]] = set()
-    rows = Task.objects.filter(group__in=groups).filter(
-        Q(leased_to__isnull=False) | Q(completed_by__isnull=False)
+    rows = (
+        Task.objects.filter(group__in=groups)
+        .filter(Q(leased_to__isnull=False) | Q(completed_by__isnull=False))
+        .order_by()  # the model's default order joins the jobs for nothing
     )
     for group, leased_to, completed_by in rows.values_list("group", "leased_to_id", "completed_by_id"):
         if group is not None:

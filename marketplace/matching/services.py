@@ -152,16 +152,24 @@ def _candidates(host: Host, view: HostView, *, now: datetime) -> QuerySet[Task]:
     return candidates
 
 
-def _fair_pick(candidates: QuerySet[Task], *, slots: int, with_jobs: bool = True) -> list[Task]:
+def _fair_pick(
+    candidates: QuerySet[Task],
+    *,
+    slots: int,
+    with_jobs: bool = True,
+    waiting: dict[int, tuple[int, datetime]] | None = None,
+) -> list[Task]:
     """Up to `slots` candidates, locked, shared out among their buyers by `fair_shares`; each with its
     job and model joined in, or (`with_jobs=False`) only the columns a claim reads, for the caller to
-    attach jobs once per job rather than once per row."""
-    waiting = {
-        row["job__buyer_id"]: row
-        for row in candidates.order_by()
-        .values("job__buyer_id")
-        .annotate(queued=Count("id"), oldest=Min("job__created_at"))
-    }
+    attach jobs once per job rather than once per row. `waiting` (each buyer's candidates and its
+    oldest job's submit time) is counted here unless the caller has it already."""
+    if waiting is None:
+        waiting = {
+            row["job__buyer_id"]: (row["queued"], row["oldest"])
+            for row in candidates.order_by()
+            .values("job__buyer_id")
+            .annotate(queued=Count("id"), oldest=Min("job__created_at"))
+        }
     if not waiting:
         return []
     in_flight = dict(
@@ -174,10 +182,8 @@ def _fair_pick(candidates: QuerySet[Task], *, slots: int, with_jobs: bool = True
     )
     shares = fair_shares(
         {
-            buyer_id: BuyerQueue(
-                leased=in_flight.get(buyer_id, 0), queued=row["queued"], oldest=row["oldest"]
-            )
-            for buyer_id, row in waiting.items()
+            buyer_id: BuyerQueue(leased=in_flight.get(buyer_id, 0), queued=queued, oldest=oldest)
+            for buyer_id, (queued, oldest) in waiting.items()
         },
         slots,
     )
@@ -188,7 +194,7 @@ def _fair_pick(candidates: QuerySet[Task], *, slots: int, with_jobs: bool = True
         ordered = ordered.select_related("job__model")
     else:
         ordered = ordered.only("id", "job_id", "group", "needs_trusted", "item_count", "inputs")
-    if all(share == waiting[buyer_id]["queued"] for buyer_id, share in shares.items()):
+    if all(share == waiting[buyer_id][0] for buyer_id, share in shares.items()):
         # Every buyer gets all it has waiting: one statement locks what the per-buyer ones would
         # (each buyer's unlocked candidates, a task queued since the count aside), and the rows go
         # back into the buyers' turn order.
@@ -287,8 +293,8 @@ def tasks_claim_batch(
     jobs = _waiting_jobs(now=now)
     if not jobs:
         return {}
-    served = _fleet_serves({shape for shape, _ in jobs.values()}, now=now)
-    waiting = min(limit, sum(queued for shape, queued in jobs.values() if shape in served))
+    served = _fleet_serves({job.shape for job in jobs.values()}, now=now)
+    waiting = min(limit, sum(job.queued for job in jobs.values() if job.shape in served))
     sample = max(HOST_SAMPLE_MIN, HOST_SAMPLE_PER_TASK * waiting)
     with transaction.atomic():
         seats = _seats(host_ids=host_ids, now=now, sample=sample)
@@ -296,13 +302,14 @@ def tasks_claim_batch(
             return {}
         fits = {
             shape: [seat for seat in seats if fit_rejection(shape, seat.view) is None]
-            for shape in {shape for shape, _ in jobs.values()}
+            for shape in {job.shape for job in jobs.values()}
         }
-        runnable = [job_id for job_id, (shape, _) in jobs.items() if fits[shape]]
+        runnable = {job_id: job for job_id, job in jobs.items() if fits[job.shape]}
         if not runnable:
             return {}
         slots = min(limit, sum(seat.free for seat in seats))
-        tasks = _batch_pick(_batch_candidates(seats, now=now).filter(job_id__in=runnable), slots=slots)
+        candidates = _batch_candidates(seats, now=now).filter(job_id__in=runnable)
+        tasks = _batch_pick(candidates, runnable, slots=slots)
         _batch_place(tasks, seats, fits, now=now)
         moved = _lease_planned(seats, expires=expires, now=now)
         for seat in seats:
@@ -320,35 +327,36 @@ def tasks_claim_batch(
     return got
 
 
-def _waiting_jobs(*, now: datetime) -> dict[uuid.UUID, tuple[TaskView, int]]:
-    """Each active job with queued tasks a host may start now: what its tasks ask of a host (as
-    `task_view` says) and how many of them wait."""
-    rows = (
-        Task.objects.filter(status=TaskStatus.QUEUED, job__status__in=JOB_ACTIVE, job__model__is_active=True)
-        .filter(Q(job__deadline__isnull=True) | Q(job__deadline__gt=now) | Q(job__status=JobStatus.RUNNING))
+@dataclass(frozen=True)
+class _Waiting:
+    """An active job with queued tasks, as a round reads it before it locks any."""
+
+    job: Job  # with its model
+    shape: TaskView
+    queued: int
+
+
+def _waiting_jobs(*, now: datetime) -> dict[uuid.UUID, _Waiting]:
+    """Each active job with queued tasks a host may start now, with what its tasks ask of a host and
+    how many of them wait: the queued tasks counted per job (the tasks' own index, no join), then
+    those jobs read once."""
+    queued = dict(
+        Task.objects.filter(status=TaskStatus.QUEUED)
         .exclude(role=TaskRole.CANARY)
         .order_by()
-        .values(
-            "job_id",
-            "job__model__min_memory_mb",
-            "job__max_price_per_1k_minor",
-            "job__green_only",
-            "job__region",
-        )
-        .annotate(queued=Count("id"))
+        .values("job_id")
+        .annotate(n=Count("id"))
+        .values_list("job_id", "n")
     )
-    return {
-        row["job_id"]: (
-            TaskView(
-                min_memory_mb=row["job__model__min_memory_mb"],
-                max_price_per_1k_minor=row["job__max_price_per_1k_minor"],
-                green_only=row["job__green_only"],
-                region=row["job__region"],
-            ),
-            row["queued"],
-        )
-        for row in rows
-    }
+    if not queued:
+        return {}
+    jobs = (
+        Job.objects.filter(pk__in=queued, status__in=JOB_ACTIVE, model__is_active=True)
+        .filter(Q(deadline__isnull=True) | Q(deadline__gt=now) | Q(status=JobStatus.RUNNING))
+        .select_related("model")
+        .order_by()
+    )
+    return {job.pk: _Waiting(job=job, shape=task_view(job), queued=queued[job.pk]) for job in jobs}
 
 
 # shape → (time.monotonic() when read, whether some host of the fleet could serve it then)
@@ -455,14 +463,18 @@ def _batch_candidates(seats: list[_Seat], *, now: datetime) -> QuerySet[Task]:
     return candidates
 
 
-def _batch_pick(candidates: QuerySet[Task], *, slots: int) -> list[Task]:
+def _batch_pick(candidates: QuerySet[Task], jobs: dict[uuid.UUID, _Waiting], *, slots: int) -> list[Task]:
     """`_fair_pick` for the whole round, in the order the buyers take turns: each buyer's tasks best
-    first, the buyers interleaved, so when hosts run short the round still alternates buyers."""
-    tasks = _fair_pick(candidates, slots=slots, with_jobs=False)
-    jobs = Job.objects.select_related("model").in_bulk({task.job_id for task in tasks})
+    first, the buyers interleaved, so when hosts run short the round still alternates buyers.
+    `jobs`: the candidates' jobs, each with its queued tasks counted."""
+    waiting: dict[int, tuple[int, datetime]] = {}
+    for each in jobs.values():
+        queued, oldest = waiting.get(each.job.buyer_id, (0, each.job.created_at))
+        waiting[each.job.buyer_id] = (queued + each.queued, min(oldest, each.job.created_at))
+    tasks = _fair_pick(candidates, slots=slots, with_jobs=False, waiting=waiting)
     per_buyer: dict[int, list[Task]] = {}
     for task in tasks:
-        task.job = jobs[task.job_id]
+        task.job = jobs[task.job_id].job
         per_buyer.setdefault(task.job.buyer_id, []).append(task)
     queues = list(per_buyer.values())
     return [

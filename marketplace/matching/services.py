@@ -339,25 +339,18 @@ class _Waiting:
 
 def _waiting_jobs(*, now: datetime) -> dict[uuid.UUID, _Waiting]:
     """Each active job with queued tasks a host may start now, with what its tasks ask of a host and
-    how many of them wait: the queued tasks counted per job (the tasks' own index, no join), then
-    those jobs read once."""
-    queued = dict(
-        Task.objects.filter(status=TaskStatus.QUEUED)
-        .exclude(role=TaskRole.CANARY)
-        .order_by()
-        .values("job_id")
-        .annotate(n=Count("id"))
-        .values_list("job_id", "n")
-    )
-    if not queued:
-        return {}
+    how many of them wait: one statement (the jobs found from the queued tasks' own index, each
+    job's queued tasks counted by a probe of it), its model joined in."""
+    queued = Task.objects.filter(status=TaskStatus.QUEUED).exclude(role=TaskRole.CANARY).order_by()
+    count = queued.filter(job=OuterRef("pk")).values("job").annotate(n=Count("pk")).values("n")
     jobs = (
-        Job.objects.filter(pk__in=queued, status__in=JOB_ACTIVE, model__is_active=True)
+        Job.objects.filter(pk__in=queued.values("job_id"), status__in=JOB_ACTIVE, model__is_active=True)
         .filter(Q(deadline__isnull=True) | Q(deadline__gt=now) | Q(status=JobStatus.RUNNING))
+        .annotate(queued=Subquery(count))
         .select_related("model")
         .order_by()
     )
-    return {job.pk: _Waiting(job=job, shape=task_view(job), queued=queued[job.pk]) for job in jobs}
+    return {job.pk: _Waiting(job=job, shape=task_view(job), queued=job.queued) for job in jobs if job.queued}
 
 
 # shape → (time.monotonic() when read, whether some host of the fleet could serve it then)

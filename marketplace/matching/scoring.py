@@ -17,6 +17,7 @@ from typing import TypeVar
 from hearth_agent.policy import EnergyPolicy, PowerState, Verdict, is_green, work_allowed
 
 K = TypeVar("K", bound=Hashable)
+H = TypeVar("H")
 
 
 @dataclass(frozen=True)
@@ -180,6 +181,27 @@ def fit_rejection(task: TaskView, host: HostView) -> str | None:
         if reason is not None:
             return reason
     return None
+
+
+def fit_key(host: HostView) -> tuple[object, ...]:
+    """Everything of the host that `fit_rejection` reads: hosts with equal keys pass or fail every
+    task alike, so a round asks once per key, not once per host (keep this beside FILTERS)."""
+    return (host.verified, host.memory_mb, host.region, is_green(host.power), host.price_per_1k_minor)
+
+
+def fitting(task: TaskView, hosts: Sequence[H], view: Callable[[H], HostView]) -> list[H]:
+    """Those of `hosts` (in their order) that `fit_rejection` passes for `task`, each distinct
+    `fit_key` judged once."""
+    verdicts: dict[tuple[object, ...], bool] = {}
+    passed: list[H] = []
+    for host in hosts:
+        key = fit_key(view(host))
+        fits = verdicts.get(key)
+        if fits is None:
+            fits = verdicts[key] = fit_rejection(task, view(host)) is None
+        if fits:
+            passed.append(host)
+    return passed
 
 
 def queued_reason(task: TaskView, hosts: Sequence[HostView]) -> str | None:

@@ -46,6 +46,7 @@ from marketplace.matching.scoring import (
     TaskView,
     fair_shares,
     fit_rejection,
+    fitting,
     free_slots,
     host_takes_work,
     match_score,
@@ -301,10 +302,7 @@ def tasks_claim_batch(
         seats = _seats(host_ids=host_ids, now=now, sample=sample)
         if not seats:
             return {}
-        fits = {
-            shape: [seat for seat in seats if fit_rejection(shape, seat.view) is None]
-            for shape in {job.shape for job in jobs.values()}
-        }
+        fits = {shape: fitting(shape, seats, _seat_view) for shape in {job.shape for job in jobs.values()}}
         runnable = {job_id: job for job_id, job in jobs.items() if fits[job.shape]}
         if not runnable:
             return {}
@@ -500,7 +498,7 @@ def _batch_place(
         wants = task_view(task.job)
         if wants not in ranked:
             if wants not in fits:
-                fits[wants] = [seat for seat in seats if fit_rejection(wants, seat.view) is None]
+                fits[wants] = fitting(wants, seats, _seat_view)
             # Stable: equal scores keep the hosts' order, so a round is repeatable.
             ranked[wants] = deque(sorted(fits[wants], key=lambda seat: -match_score(wants, seat.view).total))
         seat = _first_seat(task, ranked[wants], ran=ran, now=now)
@@ -516,6 +514,10 @@ def _batch_place(
         if task.group is not None:
             seat.groups.add(task.group)
         seat.planned.append(task)
+
+
+def _seat_view(seat: _Seat) -> HostView:
+    return seat.view
 
 
 def _first_seat(

@@ -77,3 +77,14 @@ def other_api(other_buyer: Any) -> APIClient:
         HTTP_AUTHORIZATION=f"Bearer {api_key_create(user=other_buyer, name='tests').plaintext}"
     )
     return client
+
+
+@pytest.fixture(autouse=True)
+def forget_shape_verdicts() -> Any:
+    """A batch round remembers for a few seconds which jobs' shapes some host of the fleet could
+    serve; each test has its own fleet, so none inherits another's readings."""
+    from marketplace.matching import services
+
+    services._SHAPE_VERDICTS.clear()
+    yield
+    services._SHAPE_VERDICTS.clear()

@@ -237,7 +237,22 @@ def hosts_sweep_offline(*, now: datetime | None = None) -> int:
 
 
 def host_policy(*, host: Host) -> EnergyPolicy:
-    return EnergyPolicy.model_validate(host.policy or {})
+    """The host's energy policy, parsed. A dispatch round reads thousands of hosts whose policies
+    are a few distinct documents, and parsing was most of a host view's cost, so each document is
+    parsed once (the policy is frozen, so one instance can serve every host that stores it)."""
+    key = repr(host.policy or {})  # faithful for JSON values, and cheaper than json.dumps
+    policy = _POLICIES.get(key)
+    if policy is None:
+        policy = EnergyPolicy.model_validate(host.policy or {})
+        if len(_POLICIES) >= _POLICIES_MAX:
+            _POLICIES.clear()
+        _POLICIES[key] = policy
+    return policy
+
+
+# Parsed policies by their JSON: owners mostly keep the defaults or change the price, so few.
+_POLICIES: dict[str, EnergyPolicy] = {}
+_POLICIES_MAX = 10_000
 
 
 @transaction.atomic

@@ -17,6 +17,7 @@ from typing import TypeVar
 from hearth_agent.policy import EnergyPolicy, PowerState, Verdict, is_green, work_allowed
 
 K = TypeVar("K", bound=Hashable)
+H = TypeVar("H")
 
 
 @dataclass(frozen=True)
@@ -77,8 +78,26 @@ def host_takes_work(host: HostView) -> Verdict:
         return Verdict(False, f"agent reports: {host.agent_verdict.reason}")
     # Hours are the agent's call (it knows its time zone); battery and solar rules
     # are checked here too, on the last reading, so a stale agent verdict cannot win.
-    site_rules = host.policy.model_copy(update={"allowed_hours": []})
-    return work_allowed(site_rules, host.power, local_hour=0)
+    return work_allowed(_site_rules(host.policy), host.power, local_hour=0)
+
+
+# The policy without its hours, by the policy's identity: a round asks this of thousands of hosts
+# that share a few policy instances (`host_policy` parses each document once), and copying a
+# pydantic model per host cost more than the rule itself. The entry keeps its policy alive, so an
+# id is never reused while it is here.
+_SITE_RULES: dict[int, tuple[EnergyPolicy, EnergyPolicy]] = {}
+_SITE_RULES_MAX = 10_000
+
+
+def _site_rules(policy: EnergyPolicy) -> EnergyPolicy:
+    cached = _SITE_RULES.get(id(policy))
+    if cached is not None and cached[0] is policy:
+        return cached[1]
+    rules = policy.model_copy(update={"allowed_hours": []})
+    if len(_SITE_RULES) >= _SITE_RULES_MAX:
+        _SITE_RULES.clear()
+    _SITE_RULES[id(policy)] = (policy, rules)
+    return rules
 
 
 def host_can_run(host: HostView, model: ModelNeeds, *, green_only: bool = False) -> str | None:
@@ -162,6 +181,27 @@ def fit_rejection(task: TaskView, host: HostView) -> str | None:
         if reason is not None:
             return reason
     return None
+
+
+def fit_key(host: HostView) -> tuple[object, ...]:
+    """Everything of the host that `fit_rejection` reads: hosts with equal keys pass or fail every
+    task alike, so a round asks once per key, not once per host (keep this beside FILTERS)."""
+    return (host.verified, host.memory_mb, host.region, is_green(host.power), host.price_per_1k_minor)
+
+
+def fitting(task: TaskView, hosts: Sequence[H], view: Callable[[H], HostView]) -> list[H]:
+    """Those of `hosts` (in their order) that `fit_rejection` passes for `task`, each distinct
+    `fit_key` judged once."""
+    verdicts: dict[tuple[object, ...], bool] = {}
+    passed: list[H] = []
+    for host in hosts:
+        key = fit_key(view(host))
+        fits = verdicts.get(key)
+        if fits is None:
+            fits = verdicts[key] = fit_rejection(task, view(host)) is None
+        if fits:
+            passed.append(host)
+    return passed
 
 
 def queued_reason(task: TaskView, hosts: Sequence[HostView]) -> str | None:

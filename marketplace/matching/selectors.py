@@ -26,8 +26,7 @@ def host_view(host: Host, *, now: datetime, leased: int | None = None) -> HostVi
     """The host as the matcher sees it; `leased` (its tasks in flight) is counted when not given."""
     if leased is None:
         leased = Task.objects.filter(leased_to=host, status=TaskStatus.LEASED).count()
-    stale_after = timedelta(seconds=3 * settings.HEARTH_POWER_INTERVAL_S)
-    fresh = host.power_at is not None and host.power_at >= now - stale_after
+    fresh = host.power_at is not None and host.power_at >= power_fresh_since(now)
     power = power_latest(host) if fresh else None
     items_per_s = (host.benchmark or {}).get("minilm_items_per_s")
     return HostView(
@@ -49,6 +48,11 @@ def host_view(host: Host, *, now: datetime, leased: int | None = None) -> HostVi
         items_per_s=float(items_per_s) if isinstance(items_per_s, int | float) else None,
         reliability=host.reliability,
     )
+
+
+def power_fresh_since(now: datetime) -> datetime:
+    """A power reading older than this is stale: the matcher treats the host as having none."""
+    return now - timedelta(seconds=3 * settings.HEARTH_POWER_INTERVAL_S)
 
 
 def task_view(job: Job) -> TaskView:

@@ -20,6 +20,7 @@ give that host more tasks than it has slots.
 from __future__ import annotations
 
 import secrets
+import time
 import uuid
 from collections import deque
 from dataclasses import dataclass
@@ -28,7 +29,8 @@ from typing import Any
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import Count, Exists, F, Field, Min, OuterRef, Q, QuerySet
+from django.db.models import Count, Exists, F, Field, Min, OuterRef, Q, QuerySet, Subquery
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from hearth_agent.policy import is_green
@@ -44,11 +46,13 @@ from marketplace.matching.scoring import (
     TaskView,
     fair_shares,
     fit_rejection,
+    fitting,
     free_slots,
+    host_takes_work,
     match_score,
     pair_rejection,
 )
-from marketplace.matching.selectors import host_view, task_view
+from marketplace.matching.selectors import host_view, power_fresh_since, task_view
 from marketplace.trust.scoring import canary_rate
 from marketplace.trust.services import canary_lease, host_trusted
 
@@ -150,16 +154,24 @@ def _candidates(host: Host, view: HostView, *, now: datetime) -> QuerySet[Task]:
     return candidates
 
 
-def _fair_pick(candidates: QuerySet[Task], *, slots: int, with_jobs: bool = True) -> list[Task]:
+def _fair_pick(
+    candidates: QuerySet[Task],
+    *,
+    slots: int,
+    with_jobs: bool = True,
+    waiting: dict[int, tuple[int, datetime]] | None = None,
+) -> list[Task]:
     """Up to `slots` candidates, locked, shared out among their buyers by `fair_shares`; each with its
     job and model joined in, or (`with_jobs=False`) only the columns a claim reads, for the caller to
-    attach jobs once per job rather than once per row."""
-    waiting = {
-        row["job__buyer_id"]: row
-        for row in candidates.order_by()
-        .values("job__buyer_id")
-        .annotate(queued=Count("id"), oldest=Min("job__created_at"))
-    }
+    attach jobs once per job rather than once per row. `waiting` (each buyer's candidates and its
+    oldest job's submit time) is counted here unless the caller has it already."""
+    if waiting is None:
+        waiting = {
+            row["job__buyer_id"]: (row["queued"], row["oldest"])
+            for row in candidates.order_by()
+            .values("job__buyer_id")
+            .annotate(queued=Count("id"), oldest=Min("job__created_at"))
+        }
     if not waiting:
         return []
     in_flight = dict(
@@ -172,24 +184,30 @@ def _fair_pick(candidates: QuerySet[Task], *, slots: int, with_jobs: bool = True
     )
     shares = fair_shares(
         {
-            buyer_id: BuyerQueue(
-                leased=in_flight.get(buyer_id, 0), queued=row["queued"], oldest=row["oldest"]
-            )
-            for buyer_id, row in waiting.items()
+            buyer_id: BuyerQueue(leased=in_flight.get(buyer_id, 0), queued=queued, oldest=oldest)
+            for buyer_id, (queued, oldest) in waiting.items()
         },
         slots,
     )
     ordered = candidates.order_by("-needs_trusted", "-job__priority", "job__created_at", "index")
     if connection.features.has_select_for_update_skip_locked:
         ordered = ordered.select_for_update(skip_locked=True, of=("self",))
+    if with_jobs:
+        ordered = ordered.select_related("job__model")
+    else:
+        ordered = ordered.only("id", "job_id", "group", "needs_trusted", "item_count", "inputs")
+    if all(share == waiting[buyer_id][0] for buyer_id, share in shares.items()):
+        # Every buyer gets all it has waiting: one statement locks what the per-buyer ones would
+        # (each buyer's unlocked candidates, a task queued since the count aside), and the rows go
+        # back into the buyers' turn order.
+        per_buyer: dict[int, list[Task]] = {buyer_id: [] for buyer_id in shares}
+        for task in ordered.filter(job__buyer_id__in=shares).annotate(turn_of=F("job__buyer_id")):
+            if len(per_buyer[task.turn_of]) < shares[task.turn_of]:
+                per_buyer[task.turn_of].append(task)
+        return [task for tasks in per_buyer.values() for task in tasks]
     rows: list[Task] = []
     for buyer_id, share in shares.items():
-        picked = ordered.filter(job__buyer_id=buyer_id)
-        if with_jobs:
-            picked = picked.select_related("job__model")
-        else:
-            picked = picked.only("id", "job_id", "group", "needs_trusted", "item_count", "inputs")
-        rows.extend(picked[:share])
+        rows.extend(ordered.filter(job__buyer_id=buyer_id)[:share])
     return rows
 
 
@@ -229,6 +247,9 @@ BATCH_LIMIT = 2000
 # tasks costs a handful of host views, not the whole fleet's (sampling, as Sparrow's schedulers do).
 HOST_SAMPLE_PER_TASK = 4
 HOST_SAMPLE_MIN = 32
+# How long a round trusts a reading of whether any host of the fleet could serve a job's shape at
+# all (`_fleet_serves`); the reading only sizes the sample, each round's own hosts decide the rest.
+SHAPE_VERDICT_S = 30.0
 
 
 @dataclass
@@ -256,6 +277,11 @@ def tasks_claim_batch(
     tie-breaks only on trusted hosts, canaries at the host's rate, the lease at the host's price.
     Among the hosts that may take a task, the one with the best `match_score` gets it.
 
+    Only jobs that some host of the round could serve take part (a job asking what no host of the
+    round offers must not take the round's slots from one that can run), and the round samples
+    hosts for the tasks of jobs that some host of the fleet could serve, not for work that no host
+    can take now (`_fleet_serves`: that work still gets the smallest sample every round).
+
     Unverified hosts are left to `tasks_claim_for_host`, which gives them known-answer tasks one at
     a time. Locking: the picked tasks are locked `FOR UPDATE SKIP LOCKED` on PostgreSQL (a claim
     running beside this one skips them) and the round's leases are written by one
@@ -266,24 +292,31 @@ def tasks_claim_batch(
     got: dict[uuid.UUID, list[Assignment]] = {}
     started: set[uuid.UUID] = set()
     messages: list[tuple[str, dict[str, object]]] = []
-    queued = Task.objects.filter(status=TaskStatus.QUEUED).exclude(role=TaskRole.CANARY).order_by()
-    waiting = queued[:limit].count()
-    if waiting == 0:
+    jobs = _waiting_jobs(now=now)
+    if not jobs:
         return {}
+    served = _fleet_serves({job.shape for job in jobs.values()}, now=now)
+    waiting = min(limit, sum(job.queued for job in jobs.values() if job.shape in served))
     sample = max(HOST_SAMPLE_MIN, HOST_SAMPLE_PER_TASK * waiting)
     with transaction.atomic():
         seats = _seats(host_ids=host_ids, now=now, sample=sample)
         if not seats:
             return {}
+        fits = {shape: fitting(shape, seats, _seat_view) for shape in {job.shape for job in jobs.values()}}
+        runnable = {job_id: job for job_id, job in jobs.items() if fits[job.shape]}
+        if not runnable:
+            return {}
         slots = min(limit, sum(seat.free for seat in seats))
-        tasks = _batch_pick(_batch_candidates(seats, now=now), slots=slots)
-        _batch_place(tasks, seats, now=now)
+        candidates = _batch_candidates(seats, now=now).filter(job_id__in=runnable)
+        tasks = _batch_pick(candidates, runnable, slots=slots)
+        _batch_place(tasks, seats, fits, now=now)
         moved = _lease_planned(seats, expires=expires, now=now)
         for seat in seats:
             leased = [task for task in seat.planned if task.pk in moved]
             for task in leased:
                 task.lease_id, task.lease_expires_at = moved[task.pk], expires
-                started.add(task.job_id)
+                if task.job.status == JobStatus.QUEUED:  # as read this round; running jobs stay so
+                    started.add(task.job_id)
             assignments = [_assignment(task) for task in [*seat.canaries, *leased]]
             if assignments:
                 got[seat.host.pk] = assignments
@@ -293,10 +326,77 @@ def tasks_claim_batch(
     return got
 
 
-def _seats(*, host_ids: list[uuid.UUID] | None, now: datetime, sample: int) -> list[_Seat]:
-    """The round's hosts: online, verified, with a live connection and free slots; at most `sample`
-    of them, read in id order from a random id on (wrapping round), so every host gets its turn."""
-    hosts = (
+@dataclass(frozen=True)
+class _Waiting:
+    """An active job with queued tasks, as a round reads it before it locks any."""
+
+    job: Job  # with its model
+    shape: TaskView
+    queued: int
+
+
+def _waiting_jobs(*, now: datetime) -> dict[uuid.UUID, _Waiting]:
+    """Each active job with queued tasks a host may start now, with what its tasks ask of a host and
+    how many of them wait: one statement (the jobs found from the queued tasks' own index, each
+    job's queued tasks counted by a probe of it), its model joined in."""
+    queued = Task.objects.filter(status=TaskStatus.QUEUED).exclude(role=TaskRole.CANARY).order_by()
+    count = queued.filter(job=OuterRef("pk")).values("job").annotate(n=Count("pk")).values("n")
+    jobs = (
+        Job.objects.filter(pk__in=queued.values("job_id"), status__in=JOB_ACTIVE, model__is_active=True)
+        .filter(Q(deadline__isnull=True) | Q(deadline__gt=now) | Q(status=JobStatus.RUNNING))
+        .annotate(queued=Subquery(count))
+        .select_related("model")
+        .order_by()
+    )
+    return {job.pk: _Waiting(job=job, shape=task_view(job), queued=job.queued) for job in jobs if job.queued}
+
+
+# shape → (time.monotonic() when read, whether some host of the fleet could serve it then)
+_SHAPE_VERDICTS: dict[TaskView, tuple[float, bool]] = {}
+_SHAPE_VERDICTS_MAX = 10_000
+
+
+def _fleet_serves(shapes: set[TaskView], *, now: datetime) -> set[TaskView]:
+    """Of `shapes`, those that some online, verified host taking work could serve (free slots or
+    not), as read at most `SHAPE_VERDICT_S` ago. A shape never read is read now; of the readings
+    gone stale, one a round is read again (the oldest) and the rest serve meanwhile, so a round
+    never stops to re-read them all at once."""
+    clock = time.monotonic()
+    unread = [shape for shape in shapes if shape not in _SHAPE_VERDICTS]
+    stale = sorted(
+        (
+            shape
+            for shape in shapes
+            if shape in _SHAPE_VERDICTS and clock - _SHAPE_VERDICTS[shape][0] > SHAPE_VERDICT_S
+        ),
+        key=lambda shape: _SHAPE_VERDICTS[shape][0],
+    )
+    if len(_SHAPE_VERDICTS) + len(unread) > _SHAPE_VERDICTS_MAX:
+        _SHAPE_VERDICTS.clear()
+        unread, stale = list(shapes), []
+    for shape in [*unread, *stale[:1]]:
+        _SHAPE_VERDICTS[shape] = (clock, _fleet_serves_one(shape, now=now))
+    return {shape for shape in shapes if _SHAPE_VERDICTS[shape][1]}
+
+
+def _fleet_serves_one(shape: TaskView, *, now: datetime) -> bool:
+    # The database narrows the fleet by what it can tell (memory, region, a fresh power reading for
+    # green-only work); `fit_rejection` and `host_takes_work` decide, stopping at the first host.
+    hosts = _dispatchable_hosts().filter(memory_mb__gte=shape.min_memory_mb)
+    if shape.region:
+        hosts = hosts.filter(region=shape.region)
+    if shape.green_only:
+        hosts = hosts.filter(power_at__gte=power_fresh_since(now))
+    for host in hosts.order_by().iterator(chunk_size=32):
+        view = host_view(host, now=now, leased=0)
+        if host_takes_work(view).allowed and fit_rejection(shape, view) is None:
+            return True
+    return False
+
+
+def _dispatchable_hosts() -> QuerySet[Host]:
+    """Hosts a batch round may seat, free slots aside: online, verified, with a live connection."""
+    return (
         Host.objects.filter(
             status=Host.Status.ONLINE,
             revoked_at__isnull=True,
@@ -307,7 +407,24 @@ def _seats(*, host_ids: list[uuid.UUID] | None, now: datetime, sample: int) -> l
         )
         .exclude(channel_name="")
         .exclude(hardware_ok=False)
-        .annotate(in_flight=Count("leased_tasks", filter=Q(leased_tasks__status=TaskStatus.LEASED)))
+    )
+
+
+def _seats(*, host_ids: list[uuid.UUID] | None, now: datetime, sample: int) -> list[_Seat]:
+    """The round's hosts: online, verified, with a live connection and free slots; at most `sample`
+    of them, read in id order from a random id on (wrapping round), so every host gets its turn."""
+    # Counted per host as the hosts are read (an index probe each), not by joining every task ever
+    # leased: that join read the leases of hosts before the random start too.
+    leases = (
+        Task.objects.filter(leased_to=OuterRef("pk"), status=TaskStatus.LEASED)
+        .order_by()
+        .values("leased_to")
+        .annotate(n=Count("pk"))
+        .values("n")
+    )
+    hosts = (
+        _dispatchable_hosts()
+        .annotate(in_flight=Coalesce(Subquery(leases), 0))
         .filter(in_flight__lt=F("slots"))
         .order_by("pk")
     )
@@ -347,14 +464,18 @@ def _batch_candidates(seats: list[_Seat], *, now: datetime) -> QuerySet[Task]:
     return candidates
 
 
-def _batch_pick(candidates: QuerySet[Task], *, slots: int) -> list[Task]:
+def _batch_pick(candidates: QuerySet[Task], jobs: dict[uuid.UUID, _Waiting], *, slots: int) -> list[Task]:
     """`_fair_pick` for the whole round, in the order the buyers take turns: each buyer's tasks best
-    first, the buyers interleaved, so when hosts run short the round still alternates buyers."""
-    tasks = _fair_pick(candidates, slots=slots, with_jobs=False)
-    jobs = Job.objects.select_related("model").in_bulk({task.job_id for task in tasks})
+    first, the buyers interleaved, so when hosts run short the round still alternates buyers.
+    `jobs`: the candidates' jobs, each with its queued tasks counted."""
+    waiting: dict[int, tuple[int, datetime]] = {}
+    for each in jobs.values():
+        queued, oldest = waiting.get(each.job.buyer_id, (0, each.job.created_at))
+        waiting[each.job.buyer_id] = (queued + each.queued, min(oldest, each.job.created_at))
+    tasks = _fair_pick(candidates, slots=slots, with_jobs=False, waiting=waiting)
     per_buyer: dict[int, list[Task]] = {}
     for task in tasks:
-        task.job = jobs[task.job_id]
+        task.job = jobs[task.job_id].job
         per_buyer.setdefault(task.job.buyer_id, []).append(task)
     queues = list(per_buyer.values())
     return [
@@ -365,16 +486,21 @@ def _batch_pick(candidates: QuerySet[Task], *, slots: int) -> list[Task]:
     ]
 
 
-def _batch_place(tasks: list[Task], seats: list[_Seat], *, now: datetime) -> None:
-    """Give each task, in turn, to the best-scoring host that may take it and has a slot left."""
+def _batch_place(
+    tasks: list[Task], seats: list[_Seat], fits: dict[TaskView, list[_Seat]], *, now: datetime
+) -> None:
+    """Give each task, in turn, to the best-scoring host that may take it and has a slot left.
+    `fits` holds, for each shape of job already looked at, the seats `fit_rejection` passes, in
+    seat order; a shape not in it (its job changed since the round read it) is looked at here."""
     ran = _runs_of_groups({task.group for task in tasks if task.group is not None})
     ranked: dict[TaskView, deque[_Seat]] = {}
     for task in tasks:
         wants = task_view(task.job)
         if wants not in ranked:
-            fits = [seat for seat in seats if fit_rejection(wants, seat.view) is None]
+            if wants not in fits:
+                fits[wants] = fitting(wants, seats, _seat_view)
             # Stable: equal scores keep the hosts' order, so a round is repeatable.
-            ranked[wants] = deque(sorted(fits, key=lambda seat: -match_score(wants, seat.view).total))
+            ranked[wants] = deque(sorted(fits[wants], key=lambda seat: -match_score(wants, seat.view).total))
         seat = _first_seat(task, ranked[wants], ran=ran, now=now)
         if seat is None:
             continue
@@ -388,6 +514,10 @@ def _batch_place(tasks: list[Task], seats: list[_Seat], *, now: datetime) -> Non
         if task.group is not None:
             seat.groups.add(task.group)
         seat.planned.append(task)
+
+
+def _seat_view(seat: _Seat) -> HostView:
+    return seat.view
 
 
 def _first_seat(
@@ -415,9 +545,9 @@ def _runs_of_groups(groups: set[uuid.UUID]) -> set[tuple[uuid.UUID, uuid.UUID]]:
     if not groups:
         return set()
     pairs: set[tuple[uuid.UUID, uuid.UUID]] = set()
-    rows = Task.objects.filter(group__in=groups).filter(
-        Q(leased_to__isnull=False) | Q(completed_by__isnull=False)
-    )
+    # Only the group index: a runless row is skipped below (a filter on the host columns let the
+    # planner scan every leased task instead), and no order (the model's would join the jobs).
+    rows = Task.objects.filter(group__in=groups).order_by()
     for group, leased_to, completed_by in rows.values_list("group", "leased_to_id", "completed_by_id"):
         if group is not None:
             pairs.update((group, host) for host in (leased_to, completed_by) if host is not None)

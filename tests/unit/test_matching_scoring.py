@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 
 from hearth_agent.policy import EnergyPolicy, PowerState
-from marketplace.matching.scoring import HostView, TaskView, match_score, pair_rejection, queued_reason
+from marketplace.matching.scoring import (
+    HostView,
+    TaskView,
+    fit_rejection,
+    fitting,
+    match_score,
+    pair_rejection,
+    queued_reason,
+)
 
 SUNNY = PowerState(battery_soc_pct=80, solar_w=3000, grid_w=-1200, load_w=900)
 GRID = PowerState(battery_soc_pct=60, solar_w=0, grid_w=600, load_w=900)
@@ -131,3 +139,29 @@ def test_the_total_is_the_sum_of_the_parts_and_stays_between_0_and_1(host: HostV
 
 def test_a_job_that_pays_nothing_gets_no_price_part() -> None:
     assert match_score(_task(max_price_per_1k_minor=0), _host(price=0)).price == 0.0
+
+
+FLEET = [
+    _host(price=10),
+    _host(price=10, region="eu-west"),
+    _host(price=90),
+    _host(price=10, power=SUNNY),
+    _host(price=10, memory_mb=512),
+    _host(price=10),  # the same fit key as the first
+    _host(price=10, verified=False),
+]
+
+
+@pytest.mark.parametrize(
+    "task",
+    [
+        _task(),
+        _task(max_price_per_1k_minor=50),
+        _task(green_only=True),
+        _task(region="eu-west"),
+        _task(min_memory_mb=4096, max_price_per_1k_minor=50, region="us-east"),
+    ],
+)
+def test_fitting_keeps_exactly_the_hosts_fit_rejection_passes_in_their_order(task: TaskView) -> None:
+    expected = [index for index, host in enumerate(FLEET) if fit_rejection(task, host) is None]
+    assert fitting(task, list(range(len(FLEET))), FLEET.__getitem__) == expected

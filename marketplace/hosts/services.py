@@ -112,21 +112,26 @@ def host_connect(*, host_id: uuid.UUID, channel_name: str, hello: protocol.Hello
         notify.on_commit_close(host.channel_name, protocol.CloseCode.REPLACED)
     tasks_requeue_for_host(host_id=host_id, reason="agent started a new session")
     now = timezone.now()
-    host.channel_name = channel_name
-    host.status = Host.Status.ONLINE
-    host.ready = False
-    host.draining = False
-    host.draining_reason = ""
-    host.connected_at = now
-    host.last_seen_at = now
-    host.offline_after = _offline_after(now)
-    host.agent_version = hello.agent_version
-    host.slots = hello.slots
-    host.device = hello.device
-    host.memory_mb = hello.memory_mb
-    host.isolation = list(hello.isolation)
-    host.capabilities = hello.model_dump(mode="json", exclude={"slots", "isolation", "benchmark"})
-    host.save()
+    session = {
+        "channel_name": channel_name,
+        "status": Host.Status.ONLINE,
+        "ready": False,
+        "draining": False,
+        "draining_reason": "",
+        "connected_at": now,
+        "last_seen_at": now,
+        "offline_after": _offline_after(now),
+        "agent_version": hello.agent_version,
+        "slots": hello.slots,
+        "device": hello.device,
+        "memory_mb": hello.memory_mb,
+        "isolation": list(hello.isolation),
+        "capabilities": hello.model_dump(mode="json", exclude={"slots", "isolation", "benchmark"}),
+    }
+    for name, value in session.items():
+        setattr(host, name, value)
+    # The session's columns only, not all of the row's fifty-odd.
+    host.save(update_fields=list(session))
     session_start(host_id=host_id, channel_name=channel_name, now=now)
     if hello.benchmark is not None:
         host_benchmark_record(host_id=host_id, report=hello.benchmark)

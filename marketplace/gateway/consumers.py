@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -97,7 +98,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
     host_id: Any = None
     hello_received = False
     _worker: asyncio.Future[None] | None = None
-    _jobs: asyncio.Queue[Callable[[], Awaitable[None]]]
+    _jobs: deque[Callable[[], Awaitable[None]]] | None = None
     _claim_check_queued = False
     _claim_queued = False
 
@@ -129,8 +130,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
         if self._worker is not None:
             # Frames that arrived before the socket went are still handled (a result is still
             # accepted) before the host is marked gone.
-            await self._jobs.join()
-            self._worker.cancel()
+            await self._worker
         if self.host_id is not None and self.hello_received:
             await database_sync_to_async(host_services.host_disconnect)(
                 host_id=self.host_id,
@@ -163,21 +163,20 @@ class AgentConsumer(AsyncWebsocketConsumer):
         """Run `job` after this connection's earlier database work, in order, without holding up
         the frames (heartbeats) that arrive meanwhile: the one database thread may be minutes
         behind while thousands of agents connect."""
-        if self._worker is None:
-            self._jobs = asyncio.Queue()
-            self._worker = asyncio.ensure_future(self._work())
-        self._jobs.put_nowait(job)
+        if self._jobs is None:
+            self._jobs = deque()
+        self._jobs.append(job)
+        # The worker lives only while there is work: ten thousand idle sockets hold no task for it.
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.ensure_future(self._work(self._jobs))
 
-    async def _work(self) -> None:
-        while True:
-            job = await self._jobs.get()
+    async def _work(self, jobs: deque[Callable[[], Awaitable[None]]]) -> None:
+        while jobs:
             try:
-                await job()
+                await jobs.popleft()()
             except Exception:
                 logger.exception("host %s: handling a frame failed; closing its socket", self.host_id)
                 await self.close(code=INTERNAL_ERROR)
-            finally:
-                self._jobs.task_done()
 
     async def _on_heartbeat(self, frame: protocol.Heartbeat) -> None:
         await _record_heartbeat(host_id=self.host_id, channel_name=self.channel_name, payload=frame.payload)

@@ -50,12 +50,11 @@ def _hello_accept(
     *, host_token: str, channel_name: str, hello: protocol.HelloPayload
 ) -> tuple[Any, EnergyPolicy] | None:
     """Check the token and record the session: (host id, policy for the `config` frame), or None
-    when the token is unknown or revoked. The policy comes from the row `host_connect` locked."""
-    host = host_services.host_authenticate(host_token=host_token)
-    if host is None:
-        return None
-    host = host_services.host_connect(host_id=host.pk, channel_name=channel_name, hello=hello)
-    return host.pk, host_services.host_policy(host=host)
+    when the token is unknown or revoked. The policy comes from the row the session locked."""
+    host = host_services.host_connect_with_token(
+        host_token=host_token, channel_name=channel_name, hello=hello
+    )
+    return None if host is None else (host.pk, host_services.host_policy(host=host))
 
 
 def _ready_and_claim(*, host_id: Any, channel_name: str, payload: protocol.ReadyPayload) -> list[Assignment]:

@@ -105,9 +105,28 @@ def host_connect(*, host_id: uuid.UUID, channel_name: str, hello: protocol.Hello
     A new session holds no leases (agents drop theirs with the old socket), so
     whatever the host still held is requeued now rather than at lease expiry.
     """
+    return _session_open(Host.objects.select_for_update().get(pk=host_id), channel_name, hello)
+
+
+@transaction.atomic
+def host_connect_with_token(
+    *, host_token: str, channel_name: str, hello: protocol.HelloPayload
+) -> Host | None:
+    """`host_authenticate` and `host_connect` in one read of the row, under its lock (a token
+    revoked meanwhile cannot open a session); None when the token is unknown or revoked."""
+    host = (
+        Host.objects.select_for_update()
+        .filter(token_digest=secret_digest(host_token), revoked_at__isnull=True)
+        .first()
+    )
+    return None if host is None else _session_open(host, channel_name, hello)
+
+
+def _session_open(host: Host, channel_name: str, hello: protocol.HelloPayload) -> Host:
+    """Precondition: the caller's transaction holds `host`'s row lock."""
     from marketplace.jobs.services import tasks_requeue_for_host
 
-    host = Host.objects.select_for_update().get(pk=host_id)
+    host_id = host.pk
     if host.channel_name and host.channel_name != channel_name:
         notify.on_commit_close(host.channel_name, protocol.CloseCode.REPLACED)
     tasks_requeue_for_host(host_id=host_id, reason="agent started a new session")

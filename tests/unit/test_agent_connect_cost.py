@@ -52,12 +52,13 @@ def _statements(captured: CaptureQueriesContext) -> list[str]:
     return [q["sql"] for q in captured.captured_queries if "SAVEPOINT" not in q["sql"]]
 
 
-def test_a_hello_checks_the_token_and_opens_the_session_in_six_statements() -> None:
+def test_a_hello_checks_the_token_and_opens_the_session_in_five_statements() -> None:
     host, token = _offline_host()
     with CaptureQueriesContext(connection) as captured:
         accepted = _hello_accept(host_token=token, channel_name="chan.new", hello=_hello(slots=3))
-    # token, row lock, leases to requeue, the session's columns, the old session closed, the new one.
-    assert len(_statements(captured)) <= 6, _statements(captured)
+    # The row locked by its token, leases to requeue, the session's columns, the old session
+    # closed, the new one opened.
+    assert len(_statements(captured)) <= 5, _statements(captured)
     assert accepted is not None and accepted[0] == host.pk
     host.refresh_from_db()
     assert (host.status, host.channel_name, host.slots) == (Host.Status.ONLINE, "chan.new", 3)

@@ -83,11 +83,22 @@ async def _record_heartbeat(*, host_id: Any, channel_name: str, payload: protoco
         )
 
 
+_queued_refresh: asyncio.Future[bool] | None = None
+
+
 async def _tasks_queued() -> bool:
+    """Whether anything is queued, as of about a second ago: one trip to the database thread in
+    flight per process, however many heartbeats ask. While that thread is minutes behind, the
+    cached answer goes stale for everyone at once, and one trip each would only lengthen the wait.
+    """
+    global _queued_refresh
     cached = tasks_queued_cached()
     if cached is not None:
         return cached
-    return await database_sync_to_async(tasks_queued_recently)()
+    refresh = _queued_refresh
+    if refresh is None or refresh.done() or refresh.get_loop() is not asyncio.get_running_loop():
+        refresh = _queued_refresh = asyncio.ensure_future(database_sync_to_async(tasks_queued_recently)())
+    return await asyncio.shield(refresh)
 
 
 class AgentConsumer(AsyncWebsocketConsumer):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -131,3 +132,25 @@ def test_a_heartbeat_is_acked_and_recorded_while_the_hosts_ready_waits_for_the_d
 
 def _is_ready(host_id: Any) -> bool:
     return bool(Host.objects.get(pk=host_id).ready)
+
+
+def test_many_connections_asking_whether_work_is_queued_share_one_trip_to_the_database(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from marketplace.gateway import consumers
+
+    trips: list[int] = []
+
+    def slow_answer() -> bool:
+        trips.append(1)
+        time.sleep(0.2)  # the database thread is behind
+        return False
+
+    monkeypatch.setattr(consumers, "tasks_queued_recently", slow_answer)
+    monkeypatch.setattr(consumers, "tasks_queued_cached", lambda: None)  # the cached answer is stale
+
+    async def fifty_heartbeats() -> list[bool]:
+        return await asyncio.gather(*(consumers._tasks_queued() for _ in range(50)))
+
+    assert asyncio.run(fifty_heartbeats()) == [False] * 50
+    assert len(trips) == 1

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from typing import Any
 
@@ -30,16 +32,23 @@ def test_the_job_completes_on_the_other_agent_when_one_is_killed(stack: LocalSta
         job_id = http.post(
             "/api/v1/jobs", json={"model": "all-MiniLM-L6-v2", "inputs": sentences, "task_size": 32}
         ).json()["id"]
-        # Kill the victim while it holds a lease, once some work is done.
+        # Kill the victim while it holds a lease, once some work is done. It is frozen first, so the
+        # lease the server shows cannot be answered between our look and the kill.
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
+        held = False
+        while not held and time.monotonic() < deadline:
             job = http.get(f"/api/v1/jobs/{job_id}").json()
             hosts = {h["name"]: h for h in http.get("/api/v1/hosts", auth=owner).json()}
             if job["items_done"] > 0 and hosts["victim"]["tasks_in_flight"] > 0:
-                break
+                os.killpg(victim.process.pid, signal.SIGSTOP)
+                time.sleep(0.3)  # frames already on the wire land
+                hosts = {h["name"]: h for h in http.get("/api/v1/hosts", auth=owner).json()}
+                held = hosts["victim"]["tasks_in_flight"] > 0
+                if not held:
+                    os.killpg(victim.process.pid, signal.SIGCONT)
             time.sleep(0.05)
         assert hosts["victim"]["status"] == "online"
-        assert hosts["victim"]["tasks_in_flight"] > 0, "the victim never held a lease"
+        assert held, "the victim never held a lease"
         victim.kill()
 
     job = stack.wait_job(api_key=api_key, job_id=job_id, timeout=300)

@@ -8,6 +8,7 @@ still runs)."""
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any
 
 import pytest
@@ -25,8 +26,13 @@ from tests.frames import hello_frame
 pytestmark = pytest.mark.django_db(transaction=True)
 
 POWER = protocol.Power(payload=protocol.PowerPayload(source="simulator", grid_w=100.0, work_allowed=True))
-# free_slots=0: this heartbeat never claims, it only asks for an ack that every earlier frame is handled.
-BARRIER = protocol.Heartbeat(payload=protocol.HeartbeatPayload(status="busy", free_slots=0, ack=True))
+# Frames that touch the database are handled in order, after the power frame; releasing a lease the
+# host never held is answered `task.rejected` and claims nothing, so its answer marks the power frame done.
+BARRIER = protocol.TaskRelease(
+    payload=protocol.TaskReleasePayload(
+        task_id=str(uuid.uuid4()), lease_id=str(uuid.uuid4()), reason="barrier"
+    )
+)
 
 
 def _claims_during_a_power_frame(monkeypatch: pytest.MonkeyPatch) -> int:
@@ -67,7 +73,7 @@ def _claims_during_a_power_frame(monkeypatch: pytest.MonkeyPatch) -> int:
         monkeypatch.setattr(selectors, "_QUEUED_SEEN", (float("-inf"), True))  # ask the database afresh
         await send(protocol.dump_frame(POWER))
         await send(protocol.dump_frame(BARRIER))
-        while await received() != "heartbeat.ack.v1":
+        while await received() != "task.rejected.v1":
             pass  # task.assign frames of the claim, if any
         claims = len(calls) - before
         await socket.send_input({"type": "websocket.disconnect", "code": 1000})

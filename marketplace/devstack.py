@@ -364,7 +364,13 @@ class LocalStack:
     # ---- jobs, through the public API ----
 
     def wait_job(
-        self, *, api_key: str, job_id: str, timeout: float = 300, on_progress: Any = None
+        self,
+        *,
+        api_key: str,
+        job_id: str,
+        timeout: float = 300,
+        on_progress: Any = None,
+        poll_s: float = 0.2,
     ) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         with self.client(headers={"Authorization": f"Bearer {api_key}"}) as http:
@@ -374,5 +380,5 @@ class LocalStack:
                     on_progress(job)
                 if job["status"] in {"succeeded", "failed", "cancelled"}:
                     return dict(job)
-                time.sleep(0.2)
+                time.sleep(poll_s)
         raise TimeoutError(f"job {job_id} did not finish within {timeout}s\n{self.logs()}")

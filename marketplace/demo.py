@@ -246,7 +246,9 @@ def run(*, once: bool, items: int, port: int) -> int:
         job_id, cold_seconds = _run_job(stack, api_key, sentences, expected)
         runs_cold = _verification_runs(stack, owner)
         print(f"Submitting the same {items} sentences again (model cached and warm on both agents) …")
+        server_cpu_before = stack.server_cpu_s()
         _, warm_seconds = _run_job(stack, api_key, sentences, expected)
+        server_cpu_after = stack.server_cpu_s()
         runs_warm = _verification_runs(stack, owner)
         # The baseline again, now that the fleet is idle: same run, same machine.
         _, bare_after = _bare_model_items_per_s(model, sentences)
@@ -280,6 +282,16 @@ def run(*, once: bool, items: int, port: int) -> int:
                 runs_warm["checks"] - runs_cold["checks"],
             ],
             "canary_items_warm": (runs_warm["canaries"] - runs_cold["canaries"]) * TASK_SIZE,
+            # The server's own CPU over the warm job, per task run (canaries included): on this machine
+            # it comes out of the same two cores as the agents' compute.
+            "server_cpu_ms_per_task_warm": round(
+                (server_cpu_after - server_cpu_before)
+                * 1000
+                / (tasks + runs_warm["canaries"] - runs_cold["canaries"]),
+                1,
+            )
+            if server_cpu_before is not None and server_cpu_after is not None
+            else None,
             "demo_wall_s": round(time.perf_counter() - wall_started, 1),
         }
         print(

@@ -183,6 +183,14 @@ class LocalStack:
             ],
         )  # fmt: skip
 
+    def server_cpu_s(self) -> float | None:
+        """CPU seconds the server process has used so far (Linux /proc; None elsewhere)."""
+        try:
+            fields = Path(f"/proc/{self._server.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def crash_and_restart_server(self) -> None:
         """SIGKILL the server (no goodbye to any socket), then start it again on the same port."""
         os.killpg(self._server.pid, signal.SIGKILL)

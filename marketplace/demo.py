@@ -143,6 +143,18 @@ def _money_report(stack: LocalStack, *, buyer: tuple[str, str], owner: tuple[str
     )
 
 
+def _verification_runs(stack: LocalStack, owner: tuple[str, str]) -> dict[str, int]:
+    """Known-answer tasks (canaries) and checked replica runs the owner's agents have passed or failed
+    so far, from the hosts' reliability pages: the verification work besides the buyer's own."""
+    totals = {"canaries": 0, "checks": 0}
+    with stack.client(auth=owner) as http:
+        for host in http.get("/api/v1/hosts").json():
+            counts = http.get(f"/api/v1/hosts/{host['id']}/reliability").json()["counts"]
+            totals["canaries"] += counts["canaries_passed"] + counts["canaries_failed"]
+            totals["checks"] += counts["checks_passed"] + counts["checks_failed"]
+    return totals
+
+
 def _run_job(stack: LocalStack, api_key: str, sentences: list[str], expected: Any) -> tuple[str, float]:
     """Submit over REST, wait, download and check every result; return (job id, seconds to succeeded)."""
     submitted = time.perf_counter()
@@ -153,7 +165,9 @@ def _run_job(stack: LocalStack, api_key: str, sentences: list[str], expected: An
         if response.status_code != 201:
             raise DemoFailure(f"job was refused: {response.status_code} {response.text}")
         job_id = str(response.json()["id"])
-    job = stack.wait_job(api_key=api_key, job_id=job_id, timeout=600, on_progress=_Progress())
+    # Polled as a buyer's script would, twice a second: each poll is a job summary the server
+    # computes on the same two cores the agents use.
+    job = stack.wait_job(api_key=api_key, job_id=job_id, timeout=600, on_progress=_Progress(), poll_s=0.5)
     seconds = time.perf_counter() - submitted
     if sys.stdout.isatty():
         print()
@@ -228,9 +242,14 @@ def run(*, once: bool, items: int, port: int) -> int:
         credit = stack.top_up(auth=buyer, amount_minor=topup)["buyer_credit_minor"]
         print(f"  credit: {_money(credit)}")
         print(f"Submitting {items} sentences to POST {stack.url}/api/v1/jobs (agents start cold) …")
+        runs_before = _verification_runs(stack, owner)
         job_id, cold_seconds = _run_job(stack, api_key, sentences, expected)
+        runs_cold = _verification_runs(stack, owner)
         print(f"Submitting the same {items} sentences again (model cached and warm on both agents) …")
+        server_cpu_before = stack.server_cpu_s()
         _, warm_seconds = _run_job(stack, api_key, sentences, expected)
+        server_cpu_after = stack.server_cpu_s()
+        runs_warm = _verification_runs(stack, owner)
         # The baseline again, now that the fleet is idle: same run, same machine.
         _, bare_after = _bare_model_items_per_s(model, sentences)
         bare_rate = max(bare_before, bare_after)
@@ -252,6 +271,27 @@ def run(*, once: bool, items: int, port: int) -> int:
             "ratio_vs_bare": round(warm_rate / bare_rate, 3),
             "tasks": tasks,
             "orchestration_ms_per_task": round(orchestration_ms, 1),
+            # Verification the platform added while each job ran (canaries are shaped like its tasks,
+            # so each is TASK_SIZE items of extra compute); counted, not switched off.
+            "canary_tasks_cold_warm": [
+                runs_cold["canaries"] - runs_before["canaries"],
+                runs_warm["canaries"] - runs_cold["canaries"],
+            ],
+            "checked_replica_runs_cold_warm": [
+                runs_cold["checks"] - runs_before["checks"],
+                runs_warm["checks"] - runs_cold["checks"],
+            ],
+            "canary_items_warm": (runs_warm["canaries"] - runs_cold["canaries"]) * TASK_SIZE,
+            # The server's own CPU over the warm job, per task run (canaries included): on this machine
+            # it comes out of the same two cores as the agents' compute.
+            "server_cpu_ms_per_task_warm": round(
+                (server_cpu_after - server_cpu_before)
+                * 1000
+                / (tasks + runs_warm["canaries"] - runs_cold["canaries"]),
+                1,
+            )
+            if server_cpu_before is not None and server_cpu_after is not None
+            else None,
             "demo_wall_s": round(time.perf_counter() - wall_started, 1),
         }
         print(

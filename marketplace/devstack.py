@@ -183,6 +183,14 @@ class LocalStack:
             ],
         )  # fmt: skip
 
+    def server_cpu_s(self) -> float | None:
+        """CPU seconds the server process has used so far (Linux /proc; None elsewhere)."""
+        try:
+            fields = Path(f"/proc/{self._server.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def crash_and_restart_server(self) -> None:
         """SIGKILL the server (no goodbye to any socket), then start it again on the same port."""
         os.killpg(self._server.pid, signal.SIGKILL)
@@ -364,7 +372,13 @@ class LocalStack:
     # ---- jobs, through the public API ----
 
     def wait_job(
-        self, *, api_key: str, job_id: str, timeout: float = 300, on_progress: Any = None
+        self,
+        *,
+        api_key: str,
+        job_id: str,
+        timeout: float = 300,
+        on_progress: Any = None,
+        poll_s: float = 0.2,
     ) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         with self.client(headers={"Authorization": f"Bearer {api_key}"}) as http:
@@ -374,5 +388,5 @@ class LocalStack:
                     on_progress(job)
                 if job["status"] in {"succeeded", "failed", "cancelled"}:
                     return dict(job)
-                time.sleep(0.2)
+                time.sleep(poll_s)
         raise TimeoutError(f"job {job_id} did not finish within {timeout}s\n{self.logs()}")

@@ -61,6 +61,62 @@ def _postgres_database(base_url: str, name: str, *, create: bool) -> str:
     return urlunsplit(parts._replace(path=f"/{name}"))
 
 
+# Which stack holds a Redis database: "<pid> <token>". Everything a stack keeps in Redis (Celery's
+# queue, the channel layer, the presence hash) is per database, so stacks alive at the same time (the
+# tests' shared stack beside a test's own) cannot take each other's heartbeats or tasks.
+_REDIS_OWNER_KEY = "hearth:devstack:owner"
+_REDIS_DATABASES = range(1, 16)  # 0 is left to whoever set REDIS_URL
+
+
+def _redis_claim(base_url: str, token: str) -> str:
+    """Claim a Redis database beside the one in `base_url` for one stack, emptied; return its URL.
+
+    A database is free when no stack holds it, or when the process that held it is gone.
+    """
+    import redis
+
+    parts = urlsplit(base_url)
+    for db in _REDIS_DATABASES:
+        url = urlunsplit(parts._replace(path=f"/{db}"))
+        with redis.Redis.from_url(url) as client:
+            owner = client.get(_REDIS_OWNER_KEY)
+            if owner is not None and _pid_alive(int(owner.split()[0])):
+                continue
+            claim = f"{os.getpid()} {token}"
+            with client.pipeline(transaction=True) as pipe:
+                try:
+                    pipe.watch(_REDIS_OWNER_KEY)
+                    if pipe.get(_REDIS_OWNER_KEY) != owner:
+                        continue
+                    pipe.multi()
+                    pipe.flushdb()
+                    pipe.set(_REDIS_OWNER_KEY, claim)
+                    pipe.execute()
+                except redis.WatchError:
+                    continue  # another stack claimed it first
+            return url
+    raise RuntimeError(f"every Redis database 1-15 at {parts.netloc} is held by a running stack")
+
+
+def _redis_release(url: str, token: str) -> None:
+    import redis
+
+    with redis.Redis.from_url(url) as client:
+        owner = client.get(_REDIS_OWNER_KEY)
+        if owner is not None and owner.decode().endswith(f" {token}"):
+            client.flushdb()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @dataclass
 class AgentProcess:
     name: str
@@ -101,6 +157,8 @@ class LocalStack:
     agents: list[AgentProcess] = field(default_factory=list)
     _server: subprocess.Popen[bytes] = field(init=False)
     _pg_database: str | None = None
+    _redis_url: str | None = None
+    _token: str = field(default_factory=lambda: uuid.uuid4().hex)
     _env: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -127,6 +185,9 @@ class LocalStack:
             env["DATABASE_URL"] = _postgres_database(base_db, self._pg_database, create=True)
         else:
             env["HEARTH_SQLITE_PATH"] = str(self.workdir / "hearth.sqlite3")
+        base_redis = os.environ.get("REDIS_URL")
+        if base_redis:
+            self._redis_url = env["REDIS_URL"] = _redis_claim(base_redis, self._token)
         self._env = _child_env(env)
         manage = [sys.executable, str(ROOT / "manage.py")]
         subprocess.run([*manage, "migrate", "--noinput", "-v0"], env=self._env, check=True, cwd=ROOT)
@@ -215,6 +276,9 @@ class LocalStack:
         if self._pg_database and os.environ.get("DATABASE_URL"):
             with contextlib.suppress(Exception):
                 _postgres_database(os.environ["DATABASE_URL"], self._pg_database, create=False)
+        if self._redis_url:
+            with contextlib.suppress(Exception):
+                _redis_release(self._redis_url, self._token)
 
     def cleanup(self) -> None:
         shutil.rmtree(self.workdir, ignore_errors=True)

@@ -22,23 +22,30 @@ def sweep_once(*, now: datetime | None = None) -> tuple[int, int]:
     """One round of the periodic work at `now` (the clock by default); (leases expired, hosts gone offline)."""
     from marketplace.billing.services import earnings_mature
     from marketplace.hosts.power import power_rollup
+    from marketplace.hosts.presence import presence_store
     from marketplace.hosts.services import hosts_presence_flush, hosts_sweep_offline
     from marketplace.jobs.services import jobs_fail_past_deadline, leases_requeue_expired
     from marketplace.trust.selectors import owners_with_withheld_earnings
     from marketplace.trust.services import hosts_request_benchmark
 
-    # Heartbeats since the last sweep first: the lease and offline checks below read what they wrote.
-    hosts_presence_flush()
-    now = now or timezone.now()
-    power_rollup(now=now)
-    hosts_request_benchmark(now=now)
-    # Pending host earnings past the verification window become available, except a quarantined
-    # machine's owner's, which wait for review.
-    earnings_mature(now=now, withheld_owner_ids=owners_with_withheld_earnings())
-    past_deadline = jobs_fail_past_deadline(now=now)
-    if past_deadline:
-        logger.info("sweep: %d queued jobs failed past their deadline", past_deadline)
-    return leases_requeue_expired(now=now), hosts_sweep_offline(now=now)
+    with presence_store().sweeping() as mine:
+        if not mine:
+            # Another sweep is between draining heartbeats and writing them: judged now, the hosts
+            # whose beats it holds would look silent.
+            logger.info("sweep skipped: another sweep is running")
+            return 0, 0
+        # Heartbeats since the last sweep first: the lease and offline checks below read what they wrote.
+        hosts_presence_flush()
+        now = now or timezone.now()
+        power_rollup(now=now)
+        hosts_request_benchmark(now=now)
+        # Pending host earnings past the verification window become available, except a quarantined
+        # machine's owner's, which wait for review.
+        earnings_mature(now=now, withheld_owner_ids=owners_with_withheld_earnings())
+        past_deadline = jobs_fail_past_deadline(now=now)
+        if past_deadline:
+            logger.info("sweep: %d queued jobs failed past their deadline", past_deadline)
+        return leases_requeue_expired(now=now), hosts_sweep_offline(now=now)
 
 
 def payouts_once() -> int:

@@ -8,9 +8,11 @@ server process and the Celery worker share it).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cache
@@ -39,11 +41,32 @@ class PresenceStore(Protocol):
     def restore(self, beats: list[Beat]) -> None:
         """Put back drained beats a flush could not write, unless their connection beat again since."""
 
+    def sweeping(self) -> contextlib.AbstractContextManager[bool]:
+        """Held by one sweep at a time: True inside when this sweep holds it, False when another does.
+
+        A sweep that judged hosts while another held beats it had drained but not yet written would
+        sweep live hosts, so the second one skips its turn.
+        """
+
+
+# A sweep that died holding the Redis sweep lock blocks the others this long at most.
+SWEEP_LOCK_S = 60
+
 
 class MemoryPresence:
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._sweep = threading.Lock()
         self._beats: dict[tuple[uuid.UUID, str], Beat] = {}
+
+    @contextlib.contextmanager
+    def sweeping(self) -> Iterator[bool]:
+        mine = self._sweep.acquire(blocking=False)
+        try:
+            yield mine
+        finally:
+            if mine:
+                self._sweep.release()
 
     def record(self, beat: Beat) -> None:
         with self._lock:
@@ -67,6 +90,19 @@ class RedisPresence:
         import redis
 
         self._redis = redis.Redis.from_url(url)
+
+    @contextlib.contextmanager
+    def sweeping(self) -> Iterator[bool]:
+        from redis.exceptions import LockError
+
+        lock = self._redis.lock(f"{self.KEY}:sweep", timeout=SWEEP_LOCK_S)
+        mine = bool(lock.acquire(blocking=False))
+        try:
+            yield mine
+        finally:
+            if mine:
+                with contextlib.suppress(LockError):  # it outlived SWEEP_LOCK_S and expired
+                    lock.release()
 
     def record(self, beat: Beat) -> None:
         self._redis.hset(self.KEY, *self._entry(beat))

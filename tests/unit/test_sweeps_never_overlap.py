@@ -1,0 +1,72 @@
+"""Sweeps take turns: one that starts while another holds drained but unwritten heartbeats skips its
+turn instead of sweeping the hosts those beats came from (Celery runs several sweeps at once when a
+worker has more than one process). The store is the one this run configures: memory, or Redis
+when REDIS_URL is set."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from django.utils import timezone
+
+from hearth_agent import protocol
+from marketplace.config.background import sweep_once
+from marketplace.hosts import services
+from marketplace.hosts.models import Host
+from marketplace.hosts.presence import presence_store
+from marketplace.hosts.services import host_heartbeat
+from tests.factories import HostFactory
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture(autouse=True)
+def empty_store() -> Iterator[None]:
+    presence_store().drain()
+    yield
+    presence_store().drain()
+
+
+def test_a_sweep_that_starts_while_another_writes_heartbeats_leaves_live_hosts_online(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The host's last flushed beat is old: only the beat in the store shows it is alive.
+    host: Any = HostFactory(offline_after=timezone.now() - timedelta(seconds=1))
+    host_heartbeat(
+        host_id=host.pk,
+        channel_name=host.channel_name,
+        payload=protocol.HeartbeatPayload(status="idle", free_slots=host.slots),
+    )
+    real_write = services._presence_write
+    overlapping: list[tuple[int, int]] = []
+
+    def write_after_another_sweep(beats: Any) -> None:
+        # The first sweep has drained the beat and not written it yet when the second one runs.
+        overlapping.append(sweep_once())
+        real_write(beats)
+
+    monkeypatch.setattr(services, "_presence_write", write_after_another_sweep)
+
+    assert sweep_once() == (0, 0)
+
+    assert overlapping == [(0, 0)]
+    host.refresh_from_db()
+    assert host.status == Host.Status.ONLINE
+    assert host.channel_name != ""
+    assert host.offline_after > timezone.now()
+
+
+def test_the_next_sweep_runs_once_the_previous_one_has_finished() -> None:
+    host: Any = HostFactory(offline_after=timezone.now() - timedelta(seconds=1))
+
+    assert sweep_once() == (0, 1)
+
+    host.refresh_from_db()
+    assert host.status == Host.Status.OFFLINE
+    silent: Any = HostFactory(offline_after=timezone.now() - timedelta(seconds=1))
+    assert sweep_once() == (0, 1)
+    silent.refresh_from_db()
+    assert silent.status == Host.Status.OFFLINE

@@ -8,10 +8,14 @@ also forwards the `task.assign` messages a batch round sends to its channel.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from asgiref.sync import sync_to_async
+from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
@@ -24,15 +28,38 @@ from marketplace.hosts.models import Host
 from marketplace.hosts.power import power_record
 from marketplace.jobs import services as job_services
 from marketplace.matching.selectors import tasks_queued_cached, tasks_queued_recently
-from marketplace.matching.services import tasks_claim_for_host
+from marketplace.matching.services import Assignment, tasks_claim_for_host
 from marketplace.trust.services import host_benchmark_record
 
 logger = logging.getLogger(__name__)
 SERVER_VERSION = "0.1.0"
+# The websocket code for "the server met an unexpected condition" (retryable for the agent), which
+# the ASGI server sends anyway when a handler raises.
+INTERNAL_ERROR = 1011
 
 
 def _current_policy(host_id: Any) -> EnergyPolicy:
     return host_services.host_policy(host=Host.objects.get(pk=host_id))
+
+
+# Each trip to the one database thread also pays a connection health check, and waits behind every
+# other consumer's trips: a frame's database work goes in one trip.
+
+
+def _hello_accept(
+    *, host_token: str, channel_name: str, hello: protocol.HelloPayload
+) -> tuple[Any, EnergyPolicy] | None:
+    """Check the token and record the session: (host id, policy for the `config` frame), or None
+    when the token is unknown or revoked. The policy comes from the row the session locked."""
+    host = host_services.host_connect_with_token(
+        host_token=host_token, channel_name=channel_name, hello=hello
+    )
+    return None if host is None else (host.pk, host_services.host_policy(host=host))
+
+
+def _ready_and_claim(*, host_id: Any, channel_name: str, payload: protocol.ReadyPayload) -> list[Assignment]:
+    host_services.host_ready(host_id=host_id, channel_name=channel_name, payload=payload)
+    return tasks_claim_for_host(host_id=host_id, channel_name=channel_name)
 
 
 def _bearer_token(scope: dict[str, Any]) -> str | None:
@@ -56,32 +83,64 @@ async def _record_heartbeat(*, host_id: Any, channel_name: str, payload: protoco
         )
 
 
+_queued_refresh: asyncio.Future[bool] | None = None
+
+
 async def _tasks_queued() -> bool:
+    """Whether anything is queued, as of about a second ago: one trip to the database thread in
+    flight per process, however many heartbeats ask. While that thread is minutes behind, the
+    cached answer goes stale for everyone at once, and one trip each would only lengthen the wait.
+    """
+    global _queued_refresh
     cached = tasks_queued_cached()
     if cached is not None:
         return cached
-    return await database_sync_to_async(tasks_queued_recently)()
+    refresh = _queued_refresh
+    if refresh is None or refresh.done() or refresh.get_loop() is not asyncio.get_running_loop():
+        refresh = _queued_refresh = asyncio.ensure_future(database_sync_to_async(tasks_queued_recently)())
+    return await asyncio.shield(refresh)
 
 
 class AgentConsumer(AsyncWebsocketConsumer):
+    host_token: str | None = None
+    refused = False
+    closed = False
     host_id: Any = None
     hello_received = False
+    _worker: asyncio.Future[None] | None = None
+    _jobs: deque[Callable[[], Awaitable[None]]] | None = None
+    _claim_check_queued = False
+    _claim_queued = False
 
     async def connect(self) -> None:
         # Accept first so the agent can read the close code; a refused
         # handshake would only tell it "403".
         await self.accept()
-        token = _bearer_token(self.scope)
-        if token is None:
+        self.host_token = _bearer_token(self.scope)
+        if self.host_token is None:
             await self.close(code=protocol.CloseCode.AUTH_REQUIRED)
-            return
-        host: Host | None = await database_sync_to_async(host_services.host_authenticate)(host_token=token)
-        if host is None:
-            await self.close(code=protocol.CloseCode.AUTH_FAILED)
-            return
-        self.host_id = host.pk
+        # The token is checked with the hello, the agent's first frame, in the same trip to the
+        # database as the session it opens.
+
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        """Channels' dispatch without its `aclose_old_connections()` before every message.
+
+        That call is a trip to the one database thread, so every frame, heartbeats included, waited
+        behind all the database work queued there (thousands of connects: minutes). It is redundant
+        here: all database work goes through `database_sync_to_async`, which closes stale
+        connections around each call itself.
+        """
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"No handler for message type {message['type']}")
+        await handler(message)
 
     async def disconnect(self, code: int) -> None:
+        self.closed = True
+        if self._worker is not None:
+            # Frames that arrived before the socket went are still handled (a result is still
+            # accepted) before the host is marked gone.
+            await self._worker
         if self.host_id is not None and self.hello_received:
             await database_sync_to_async(host_services.host_disconnect)(
                 host_id=self.host_id,
@@ -89,8 +148,13 @@ class AgentConsumer(AsyncWebsocketConsumer):
                 reason=f"agent disconnected (code {code})",
             )
 
+    async def close(self, code: int | bool | None = None, reason: str | None = None) -> None:
+        if not self.closed:
+            self.closed = True
+            await super().close(code=code, reason=reason)
+
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
-        if self.host_id is None:
+        if self.host_token is None or self.refused:
             return
         try:
             frame = protocol.parse_frame(text_data if text_data is not None else bytes_data or b"")
@@ -98,30 +162,72 @@ class AgentConsumer(AsyncWebsocketConsumer):
             logger.warning("host %s sent a malformed frame: %s", self.host_id, exc)
             await self.close(code=exc.code)
             return
-        if not self.hello_received and not isinstance(frame, protocol.Hello):
-            logger.warning("host %s sent %s before hello", self.host_id, frame.type)
-            await self.close(code=protocol.CloseCode.MALFORMED_FRAME)
+        if isinstance(frame, protocol.Heartbeat) and self.hello_received:
+            # Never behind database work: a live host must not be swept as silent because the
+            # server is busy connecting others.
+            await self._on_heartbeat(frame)
             return
+        self._later(lambda: self._on_frame(frame))
+
+    def _later(self, job: Callable[[], Awaitable[None]]) -> None:
+        """Run `job` after this connection's earlier database work, in order, without holding up
+        the frames (heartbeats) that arrive meanwhile: the one database thread may be minutes
+        behind while thousands of agents connect."""
+        if self._jobs is None:
+            self._jobs = deque()
+        self._jobs.append(job)
+        # The worker lives only while there is work: ten thousand idle sockets hold no task for it.
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.ensure_future(self._work(self._jobs))
+
+    async def _work(self, jobs: deque[Callable[[], Awaitable[None]]]) -> None:
+        while jobs:
+            try:
+                await jobs.popleft()()
+            except Exception:
+                logger.exception("host %s: handling a frame failed; closing its socket", self.host_id)
+                await self.close(code=INTERNAL_ERROR)
+
+    async def _on_heartbeat(self, frame: protocol.Heartbeat) -> None:
+        await _record_heartbeat(host_id=self.host_id, channel_name=self.channel_name, payload=frame.payload)
+        if frame.payload.ack:
+            await self._send_frame(
+                protocol.HeartbeatAck(payload=protocol.HeartbeatAckPayload(heartbeat_id=frame.id))
+            )
+        # A safety net for a lost poke, not the way work arrives (pokes, results and power frames
+        # claim): only when something is queued, which one query a second answers.
+        if frame.payload.free_slots and not self._claim_check_queued:
+            self._claim_check_queued = True
+            self._later(self._claim_if_queued)
+
+    async def _claim_if_queued(self) -> None:
+        self._claim_check_queued = False
+        if await _tasks_queued():
+            await self._claim_and_assign()
+
+    async def _on_frame(self, frame: Any) -> None:
+        if self.refused:
+            return
+        if not self.hello_received and not isinstance(frame, protocol.Hello):
+            if not self.closed:
+                logger.warning("host %s sent %s before hello", self.host_id, frame.type)
+                await self.close(code=protocol.CloseCode.MALFORMED_FRAME)
+            return
+        if self.closed and not isinstance(
+            frame, protocol.TaskResult | protocol.TaskFailed | protocol.TaskRelease
+        ):
+            return  # the socket is gone; only the work it finished is still worth recording
         match frame:
             case protocol.Hello():
                 await self._on_hello(frame.payload)
             case protocol.Ready():
-                await database_sync_to_async(host_services.host_ready)(
-                    host_id=self.host_id, channel_name=self.channel_name, payload=frame.payload
-                )
-                await self._claim_and_assign()
-            case protocol.Heartbeat():
-                await _record_heartbeat(
-                    host_id=self.host_id, channel_name=self.channel_name, payload=frame.payload
-                )
-                if frame.payload.ack:
-                    await self._send_frame(
-                        protocol.HeartbeatAck(payload=protocol.HeartbeatAckPayload(heartbeat_id=frame.id))
+                await self._assign(
+                    await database_sync_to_async(_ready_and_claim)(
+                        host_id=self.host_id, channel_name=self.channel_name, payload=frame.payload
                     )
-                # A safety net for a lost poke, not the way work arrives (pokes, results and power
-                # frames claim): only when something is queued, which one query a second answers.
-                if frame.payload.free_slots and await _tasks_queued():
-                    await self._claim_and_assign()
+                )
+            case protocol.Heartbeat():
+                await self._on_heartbeat(frame)
             case protocol.TaskResult():
                 outcome = await database_sync_to_async(job_services.task_result_accept)(
                     host_id=self.host_id, payload=frame.payload
@@ -169,9 +275,15 @@ class AgentConsumer(AsyncWebsocketConsumer):
         if hello.protocol_version != protocol.PROTOCOL_VERSION:
             await self.close(code=protocol.CloseCode.UNSUPPORTED_VERSION)
             return
-        await database_sync_to_async(host_services.host_connect)(
-            host_id=self.host_id, channel_name=self.channel_name, hello=hello
+        assert self.host_token is not None
+        accepted = await database_sync_to_async(_hello_accept)(
+            host_token=self.host_token, channel_name=self.channel_name, hello=hello
         )
+        if accepted is None:
+            self.refused = True
+            await self.close(code=protocol.CloseCode.AUTH_FAILED)
+            return
+        self.host_id, policy = accepted
         self.hello_received = True
         await self._send_frame(
             protocol.Welcome(
@@ -182,7 +294,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
                 )
             )
         )
-        await self._send_config()
+        await self._send_config(policy)
 
     async def _after_outcome(self, task_id: str, lease_id: str, outcome: job_services.ResultOutcome) -> None:
         if not outcome.accepted:
@@ -197,8 +309,9 @@ class AgentConsumer(AsyncWebsocketConsumer):
             )
         )
 
-    async def _send_config(self) -> None:
-        policy = await database_sync_to_async(_current_policy)(self.host_id)
+    async def _send_config(self, policy: EnergyPolicy | None = None) -> None:
+        if policy is None:
+            policy = await database_sync_to_async(_current_policy)(self.host_id)
         await self._send_frame(
             protocol.Config(
                 payload=protocol.ConfigPayload(
@@ -208,9 +321,15 @@ class AgentConsumer(AsyncWebsocketConsumer):
         )
 
     async def _claim_and_assign(self) -> None:
-        assignments = await database_sync_to_async(tasks_claim_for_host)(
-            host_id=self.host_id, channel_name=self.channel_name
+        if self.closed:
+            return  # a lease now would only be requeued at once, and cost the task an attempt
+        await self._assign(
+            await database_sync_to_async(tasks_claim_for_host)(
+                host_id=self.host_id, channel_name=self.channel_name
+            )
         )
+
+    async def _assign(self, assignments: list[Assignment]) -> None:
         for assignment in assignments:
             await self._send_frame(
                 protocol.TaskAssign(
@@ -226,13 +345,21 @@ class AgentConsumer(AsyncWebsocketConsumer):
             )
 
     async def _send_frame(self, frame: Any) -> None:
+        if self.closed:
+            return
         await self.send(text_data=protocol.dump_frame(frame))
 
     # ---- messages from the channel layer ----
 
     async def dispatch_poke(self, message: dict[str, Any]) -> None:
-        if self.hello_received:
-            await self._claim_and_assign()
+        if self.hello_received and not self._claim_queued:
+            # One waiting claim answers every poke that arrives before it runs.
+            self._claim_queued = True
+            self._later(self._claim_poked)
+
+    async def _claim_poked(self) -> None:
+        self._claim_queued = False
+        await self._claim_and_assign()
 
     async def task_assign(self, message: dict[str, Any]) -> None:
         """Tasks a batch round (`tasks_claim_batch`) leased to this host; the round has committed."""
@@ -250,7 +377,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
 
     async def agent_config(self, message: dict[str, Any]) -> None:
         if self.hello_received:
-            await self._send_config()
+            self._later(self._send_config)
 
     async def agent_benchmark(self, message: dict[str, Any]) -> None:
         if self.hello_received:

@@ -105,28 +105,52 @@ def host_connect(*, host_id: uuid.UUID, channel_name: str, hello: protocol.Hello
     A new session holds no leases (agents drop theirs with the old socket), so
     whatever the host still held is requeued now rather than at lease expiry.
     """
+    return _session_open(Host.objects.select_for_update().get(pk=host_id), channel_name, hello)
+
+
+@transaction.atomic
+def host_connect_with_token(
+    *, host_token: str, channel_name: str, hello: protocol.HelloPayload
+) -> Host | None:
+    """`host_authenticate` and `host_connect` in one read of the row, under its lock (a token
+    revoked meanwhile cannot open a session); None when the token is unknown or revoked."""
+    host = (
+        Host.objects.select_for_update()
+        .filter(token_digest=secret_digest(host_token), revoked_at__isnull=True)
+        .first()
+    )
+    return None if host is None else _session_open(host, channel_name, hello)
+
+
+def _session_open(host: Host, channel_name: str, hello: protocol.HelloPayload) -> Host:
+    """Precondition: the caller's transaction holds `host`'s row lock."""
     from marketplace.jobs.services import tasks_requeue_for_host
 
-    host = Host.objects.select_for_update().get(pk=host_id)
+    host_id = host.pk
     if host.channel_name and host.channel_name != channel_name:
         notify.on_commit_close(host.channel_name, protocol.CloseCode.REPLACED)
     tasks_requeue_for_host(host_id=host_id, reason="agent started a new session")
     now = timezone.now()
-    host.channel_name = channel_name
-    host.status = Host.Status.ONLINE
-    host.ready = False
-    host.draining = False
-    host.draining_reason = ""
-    host.connected_at = now
-    host.last_seen_at = now
-    host.offline_after = _offline_after(now)
-    host.agent_version = hello.agent_version
-    host.slots = hello.slots
-    host.device = hello.device
-    host.memory_mb = hello.memory_mb
-    host.isolation = list(hello.isolation)
-    host.capabilities = hello.model_dump(mode="json", exclude={"slots", "isolation", "benchmark"})
-    host.save()
+    session = {
+        "channel_name": channel_name,
+        "status": Host.Status.ONLINE,
+        "ready": False,
+        "draining": False,
+        "draining_reason": "",
+        "connected_at": now,
+        "last_seen_at": now,
+        "offline_after": _offline_after(now),
+        "agent_version": hello.agent_version,
+        "slots": hello.slots,
+        "device": hello.device,
+        "memory_mb": hello.memory_mb,
+        "isolation": list(hello.isolation),
+        "capabilities": hello.model_dump(mode="json", exclude={"slots", "isolation", "benchmark"}),
+    }
+    for name, value in session.items():
+        setattr(host, name, value)
+    # The session's columns only, not all of the row's fifty-odd.
+    host.save(update_fields=list(session))
     session_start(host_id=host_id, channel_name=channel_name, now=now)
     if hello.benchmark is not None:
         host_benchmark_record(host_id=host_id, report=hello.benchmark)

@@ -9,6 +9,7 @@ import logging
 import secrets
 import uuid
 from datetime import datetime, timedelta
+from typing import Any
 
 from django.conf import settings
 from django.core.mail import mail_admins
@@ -249,14 +250,18 @@ def host_benchmark_record(*, host_id: uuid.UUID, report: protocol.BenchmarkRepor
 
 
 def hosts_request_benchmark(*, now: datetime | None = None) -> int:
-    """Ask online hosts to measure again: when their numbers are old, and at random."""
+    """Ask online hosts to measure again: when their numbers are old, and at random.
+
+    One UPDATE and one trip into the event loop for all of them: a fleet that has never measured
+    (thousands of hosts) is asked at once, on the thread every agent's connect waits for."""
     now = now or timezone.now()
     chance = settings.HEARTH_SWEEP_INTERVAL_S / settings.HEARTH_REBENCHMARK_RANDOM_MEAN_S
     stale_before = now - timedelta(seconds=settings.HEARTH_REBENCHMARK_S)
     recently_asked = now - timedelta(seconds=max(60.0, 10 * settings.HEARTH_HEARTBEAT_INTERVAL_S))
-    asked = 0
     hosts = Host.objects.filter(status=Host.Status.ONLINE, ready=True).exclude(channel_name="")
     hosts = hosts.exclude(benchmark_requested_at__gte=recently_asked)
+    asked: list[tuple[uuid.UUID, str]] = []
+    messages: list[tuple[str, dict[str, Any]]] = []
     for host_id, channel_name, measured_at in hosts.values_list("pk", "channel_name", "benchmark_at"):
         if measured_at is None or measured_at < stale_before:
             why = "periodic re-benchmark"
@@ -264,14 +269,12 @@ def hosts_request_benchmark(*, now: datetime | None = None) -> int:
             why = "random re-benchmark"
         else:
             continue
-        host_benchmark_request(host_id=host_id, channel_name=channel_name, reason=why, now=now)
-        asked += 1
-    return asked
-
-
-def host_benchmark_request(*, host_id: uuid.UUID, channel_name: str, reason: str, now: datetime) -> None:
-    Host.objects.filter(pk=host_id).update(benchmark_requested_at=now)
-    notify.send(channel_name, {"type": "agent.benchmark", "reason": reason})
+        asked.append((host_id, channel_name))
+        messages.append((channel_name, {"type": "agent.benchmark", "reason": why}))
+    if asked:
+        Host.objects.filter(pk__in=[host_id for host_id, _ in asked]).update(benchmark_requested_at=now)
+        notify.send_many(messages)
+    return len(asked)
 
 
 # ---- canaries ---------------------------------------------------------------------------------

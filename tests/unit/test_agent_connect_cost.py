@@ -1,0 +1,99 @@
+"""What an agent's connection costs the server's one database thread: hello and ready are one trip each."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+
+from hearth_agent import protocol
+from marketplace.accounts.tokens import secret_issue
+from marketplace.gateway.consumers import _hello_accept, _ready_and_claim
+from marketplace.hosts.models import Host
+from marketplace.hosts.services import HOST_TOKEN_KIND
+from marketplace.trust.models import HostSession
+from tests.factories import HostFactory
+
+pytestmark = pytest.mark.django_db
+
+
+def _hello(slots: int = 1) -> protocol.HelloPayload:
+    return protocol.HelloPayload(
+        agent_version="tests",
+        protocol_version=protocol.PROTOCOL_VERSION,
+        hostname="sim",
+        os="Linux",
+        cpu_model="simulated",
+        cpu_count=4,
+        memory_mb=8192,
+        device="cpu",
+        slots=slots,
+    )
+
+
+def _offline_host(**fields: Any) -> tuple[Any, str]:
+    issued = secret_issue(HOST_TOKEN_KIND)
+    host: Any = HostFactory(
+        token_prefix=issued.prefix,
+        token_digest=issued.digest,
+        status=Host.Status.OFFLINE,
+        ready=False,
+        channel_name="",
+        **fields,
+    )
+    return host, issued.plaintext
+
+
+def _statements(captured: CaptureQueriesContext) -> list[str]:
+    # Savepoints are the test's transaction showing through; in production they are BEGIN/COMMIT.
+    return [q["sql"] for q in captured.captured_queries if "SAVEPOINT" not in q["sql"]]
+
+
+def test_a_hello_checks_the_token_and_opens_the_session_in_five_statements() -> None:
+    host, token = _offline_host()
+    with CaptureQueriesContext(connection) as captured:
+        accepted = _hello_accept(host_token=token, channel_name="chan.new", hello=_hello(slots=3))
+    # The row locked by its token, leases to requeue, the session's columns, the old session
+    # closed, the new one opened.
+    assert len(_statements(captured)) <= 5, _statements(captured)
+    assert accepted is not None and accepted[0] == host.pk
+    host.refresh_from_db()
+    assert (host.status, host.channel_name, host.slots) == (Host.Status.ONLINE, "chan.new", 3)
+    assert HostSession.objects.filter(host=host, channel_name="chan.new", ended_at__isnull=True).count() == 1
+
+
+def test_a_hello_with_a_revoked_token_is_refused_and_changes_nothing() -> None:
+    host, token = _offline_host(revoked_at=timezone.now())
+    with CaptureQueriesContext(connection) as captured:
+        assert _hello_accept(host_token=token, channel_name="chan.new", hello=_hello()) is None
+    assert len(_statements(captured)) == 1
+    host.refresh_from_db()
+    assert (host.status, host.channel_name) == (Host.Status.OFFLINE, "")
+    assert not HostSession.objects.filter(host=host).exists()
+
+
+def test_a_hello_with_an_unknown_token_is_refused() -> None:
+    _offline_host()
+    assert _hello_accept(host_token="ht_not-a-token", channel_name="chan.new", hello=_hello()) is None
+
+
+def test_the_config_frame_after_a_hello_carries_the_owners_policy() -> None:
+    _, token = _offline_host(policy={"battery_reserve_pct": 40})
+    accepted = _hello_accept(host_token=token, channel_name="chan.new", hello=_hello())
+    assert accepted is not None
+    assert accepted[1].battery_reserve_pct == 40
+
+
+def test_a_ready_frame_marks_the_host_ready_and_claims_in_one_trip_of_few_statements() -> None:
+    host, token = _offline_host(verified_at=None)
+    _hello_accept(host_token=token, channel_name="chan.new", hello=_hello())
+    ready = protocol.ReadyPayload(models=[], free_slots=1)
+    with CaptureQueriesContext(connection) as captured:
+        assignments = _ready_and_claim(host_id=host.pk, channel_name="chan.new", payload=ready)
+    assert assignments == []  # nothing queued, no canary bank in an empty catalog
+    assert len(_statements(captured)) <= 5, _statements(captured)
+    host.refresh_from_db()
+    assert host.ready

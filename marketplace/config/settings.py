@@ -161,6 +161,9 @@ if HEARTH_PRESENCE == "memory" and HEARTH_BACKGROUND == "celery":
 if HEARTH_PRESENCE == "redis" and not REDIS_URL:
     raise ImproperEnvironment("HEARTH_PRESENCE=redis needs REDIS_URL")
 HEARTH_POWER_INTERVAL_S = env_float("HEARTH_POWER_INTERVAL_S", 10.0, minimum=0.1)
+# A socket must send its hello (which carries the token check) this soon after it opens, or it is
+# closed: the token is checked with the hello, so an unchecked socket is held open only this long.
+HEARTH_HELLO_TIMEOUT_S = env_float("HEARTH_HELLO_TIMEOUT_S", 30.0, minimum=0.1)
 HEARTH_LEASE_SECONDS = env_float("HEARTH_LEASE_SECONDS", 120.0, minimum=1.0)
 HEARTH_MAX_ATTEMPTS = env_int("HEARTH_MAX_ATTEMPTS", 3, minimum=1)
 HEARTH_ENROLLMENT_TOKEN_TTL_S = env_int("HEARTH_ENROLLMENT_TOKEN_TTL_S", 24 * 3600, minimum=60)

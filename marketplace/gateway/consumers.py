@@ -111,6 +111,8 @@ class AgentConsumer(AsyncWebsocketConsumer):
     _jobs: deque[Callable[[], Awaitable[None]]] | None = None
     _claim_check_queued = False
     _claim_queued = False
+    _hello_timer: asyncio.TimerHandle | None = None
+    _hello_overdue_close: asyncio.Future[None] | None = None
 
     async def connect(self) -> None:
         # Accept first so the agent can read the close code; a refused
@@ -119,8 +121,26 @@ class AgentConsumer(AsyncWebsocketConsumer):
         self.host_token = _bearer_token(self.scope)
         if self.host_token is None:
             await self.close(code=protocol.CloseCode.AUTH_REQUIRED)
+            return
         # The token is checked with the hello, the agent's first frame, in the same trip to the
-        # database as the session it opens.
+        # database as the session it opens; a socket that sends none is not held open with an
+        # unchecked token.
+        self._hello_timer = asyncio.get_running_loop().call_later(
+            settings.HEARTH_HELLO_TIMEOUT_S, self._hello_overdue
+        )
+
+    def _hello_overdue(self) -> None:
+        self._hello_timer = None
+        if not self.closed:
+            logger.info("closing a socket that sent no hello within %.0f s", settings.HEARTH_HELLO_TIMEOUT_S)
+            self._hello_overdue_close = asyncio.ensure_future(
+                self.close(code=protocol.CloseCode.MALFORMED_FRAME)
+            )
+
+    def _hello_arrived(self) -> None:
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
+            self._hello_timer = None
 
     async def dispatch(self, message: dict[str, Any]) -> None:
         """Channels' dispatch without its `aclose_old_connections()` before every message.
@@ -137,6 +157,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
 
     async def disconnect(self, code: int) -> None:
         self.closed = True
+        self._hello_arrived()  # nothing left to wait for
         if self._worker is not None:
             # Frames that arrived before the socket went are still handled (a result is still
             # accepted) before the host is marked gone.
@@ -162,7 +183,9 @@ class AgentConsumer(AsyncWebsocketConsumer):
             logger.warning("host %s sent a malformed frame: %s", self.host_id, exc)
             await self.close(code=exc.code)
             return
-        if isinstance(frame, protocol.Heartbeat) and self.hello_received:
+        if isinstance(frame, protocol.Hello):
+            self._hello_arrived()  # in time, however long the database thread takes to answer it
+        elif isinstance(frame, protocol.Heartbeat) and self.hello_received:
             # Never behind database work: a live host must not be swept as silent because the
             # server is busy connecting others.
             await self._on_heartbeat(frame)

@@ -88,3 +88,14 @@ def forget_shape_verdicts() -> Any:
     services._SHAPE_VERDICTS.clear()
     yield
     services._SHAPE_VERDICTS.clear()
+
+
+@pytest.fixture
+def empty_presence_store() -> Any:
+    """The presence store this run configures (memory, or Redis with REDIS_URL), empty before and
+    after the test."""
+    from marketplace.hosts.presence import presence_store
+
+    presence_store().drain()
+    yield
+    presence_store().drain()

@@ -16,22 +16,9 @@ from marketplace.hosts.models import Host
 from marketplace.hosts.services import HOST_TOKEN_KIND
 from marketplace.trust.models import HostSession
 from tests.factories import HostFactory
+from tests.frames import hello_payload
 
 pytestmark = pytest.mark.django_db
-
-
-def _hello(slots: int = 1) -> protocol.HelloPayload:
-    return protocol.HelloPayload(
-        agent_version="tests",
-        protocol_version=protocol.PROTOCOL_VERSION,
-        hostname="sim",
-        os="Linux",
-        cpu_model="simulated",
-        cpu_count=4,
-        memory_mb=8192,
-        device="cpu",
-        slots=slots,
-    )
 
 
 def _offline_host(**fields: Any) -> tuple[Any, str]:
@@ -55,7 +42,7 @@ def _statements(captured: CaptureQueriesContext) -> list[str]:
 def test_a_hello_checks_the_token_and_opens_the_session_in_five_statements() -> None:
     host, token = _offline_host()
     with CaptureQueriesContext(connection) as captured:
-        accepted = _hello_accept(host_token=token, channel_name="chan.new", hello=_hello(slots=3))
+        accepted = _hello_accept(host_token=token, channel_name="chan.new", hello=hello_payload(slots=3))
     # The row locked by its token, leases to requeue, the session's columns, the old session
     # closed, the new one opened.
     assert len(_statements(captured)) <= 5, _statements(captured)
@@ -68,7 +55,7 @@ def test_a_hello_checks_the_token_and_opens_the_session_in_five_statements() -> 
 def test_a_hello_with_a_revoked_token_is_refused_and_changes_nothing() -> None:
     host, token = _offline_host(revoked_at=timezone.now())
     with CaptureQueriesContext(connection) as captured:
-        assert _hello_accept(host_token=token, channel_name="chan.new", hello=_hello()) is None
+        assert _hello_accept(host_token=token, channel_name="chan.new", hello=hello_payload()) is None
     assert len(_statements(captured)) == 1
     host.refresh_from_db()
     assert (host.status, host.channel_name) == (Host.Status.OFFLINE, "")
@@ -77,19 +64,19 @@ def test_a_hello_with_a_revoked_token_is_refused_and_changes_nothing() -> None:
 
 def test_a_hello_with_an_unknown_token_is_refused() -> None:
     _offline_host()
-    assert _hello_accept(host_token="ht_not-a-token", channel_name="chan.new", hello=_hello()) is None
+    assert _hello_accept(host_token="ht_not-a-token", channel_name="chan.new", hello=hello_payload()) is None
 
 
 def test_the_config_frame_after_a_hello_carries_the_owners_policy() -> None:
     _, token = _offline_host(policy={"battery_reserve_pct": 40})
-    accepted = _hello_accept(host_token=token, channel_name="chan.new", hello=_hello())
+    accepted = _hello_accept(host_token=token, channel_name="chan.new", hello=hello_payload())
     assert accepted is not None
     assert accepted[1].battery_reserve_pct == 40
 
 
 def test_a_ready_frame_marks_the_host_ready_and_claims_in_one_trip_of_few_statements() -> None:
     host, token = _offline_host(verified_at=None)
-    _hello_accept(host_token=token, channel_name="chan.new", hello=_hello())
+    _hello_accept(host_token=token, channel_name="chan.new", hello=hello_payload())
     ready = protocol.ReadyPayload(models=[], free_slots=1)
     with CaptureQueriesContext(connection) as captured:
         assignments = _ready_and_claim(host_id=host.pk, channel_name="chan.new", payload=ready)

@@ -20,6 +20,7 @@ from marketplace.hosts.models import Host
 from marketplace.hosts.presence import presence_store
 from marketplace.hosts.services import HOST_TOKEN_KIND
 from tests.factories import HostFactory
+from tests.frames import agent_scope, hello_payload
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -32,33 +33,11 @@ def memory_presence() -> Iterator[None]:
         presence_store().drain()
 
 
-def _hello() -> protocol.Hello:
-    return protocol.Hello(
-        payload=protocol.HelloPayload(
-            agent_version="tests",
-            protocol_version=protocol.PROTOCOL_VERSION,
-            hostname="sim",
-            os="Linux",
-            cpu_model="simulated",
-            cpu_count=4,
-            memory_mb=8192,
-            device="cpu",
-            slots=1,
-        )
-    )
-
-
 class Socket:
     """The agent's end of one websocket, spoken as ASGI messages (channels.testing needs daphne)."""
 
     def __init__(self, token: str) -> None:
-        scope = {
-            "type": "websocket",
-            "path": "/ws/agent/",
-            "headers": [(b"authorization", f"Bearer {token}".encode())],
-            "subprotocols": [],
-        }
-        self.app = ApplicationCommunicator(AgentConsumer.as_asgi(), scope)
+        self.app = ApplicationCommunicator(AgentConsumer.as_asgi(), agent_scope(token))
 
     async def connect(self) -> None:
         await self.app.send_input({"type": "websocket.connect"})
@@ -101,7 +80,7 @@ def test_a_heartbeat_is_acked_and_recorded_while_the_hosts_ready_waits_for_the_d
     async def scenario() -> tuple[float, bool, bool]:
         socket = Socket(issued.plaintext)
         await socket.connect()
-        await socket.send(_hello())
+        await socket.send(protocol.Hello(payload=hello_payload()))
         await socket.frame_of(protocol.Config)
         # Another consumer's work holds the one database thread, as thousands of connects do.
         entered, release = threading.Event(), threading.Event()

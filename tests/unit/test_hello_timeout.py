@@ -20,7 +20,7 @@ from hearth_agent import protocol
 from marketplace.accounts.tokens import secret_issue
 from marketplace.gateway import consumers
 from tests.factories import HostFactory
-from tests.frames import hello_frame
+from tests.frames import agent_scope, hello_frame
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -28,14 +28,7 @@ TIMEOUT_S = 0.5
 
 
 def _socket(token: str) -> ApplicationCommunicator:
-    scope = {
-        "type": "websocket",
-        "path": "/ws/agent/",
-        "query_string": b"",
-        "headers": [(b"authorization", f"Bearer {token}".encode())],
-        "subprotocols": [],
-    }
-    return ApplicationCommunicator(consumers.AgentConsumer.as_asgi(), scope)
+    return ApplicationCommunicator(consumers.AgentConsumer.as_asgi(), agent_scope(token))
 
 
 @override_settings(HEARTH_HELLO_TIMEOUT_S=TIMEOUT_S)

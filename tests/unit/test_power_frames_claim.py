@@ -21,7 +21,7 @@ from marketplace.gateway import consumers
 from marketplace.matching import selectors
 from tests import fake_runs
 from tests.factories import HostFactory
-from tests.frames import hello_frame
+from tests.frames import agent_scope, hello_frame
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -48,14 +48,7 @@ def _claims_during_a_power_frame(monkeypatch: pytest.MonkeyPatch) -> int:
     monkeypatch.setattr(consumers, "tasks_claim_for_host", counted_claim)
 
     async def session() -> int:
-        scope = {
-            "type": "websocket",
-            "path": "/ws/agent/",
-            "query_string": b"",
-            "headers": [(b"authorization", f"Bearer {secret.plaintext}".encode())],
-            "subprotocols": [],
-        }
-        socket = ApplicationCommunicator(consumers.AgentConsumer.as_asgi(), scope)
+        socket = ApplicationCommunicator(consumers.AgentConsumer.as_asgi(), agent_scope(secret.plaintext))
 
         async def send(text: str) -> None:
             await socket.send_input({"type": "websocket.receive", "text": text})

@@ -4,7 +4,6 @@ beaten again since, and the next flush writes them."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -14,18 +13,10 @@ from django.utils import timezone
 
 from hearth_agent import protocol
 from marketplace.hosts import services
-from marketplace.hosts.presence import presence_store
 from marketplace.hosts.services import host_heartbeat, hosts_presence_flush
 from tests.factories import HostFactory
 
-pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture(autouse=True)
-def empty_store() -> Iterator[None]:
-    presence_store().drain()
-    yield
-    presence_store().drain()
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("empty_presence_store")]
 
 
 def _beat(host: Any, at: Any) -> None:

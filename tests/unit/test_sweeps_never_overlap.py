@@ -5,7 +5,6 @@ when REDIS_URL is set."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -16,18 +15,10 @@ from hearth_agent import protocol
 from marketplace.config.background import sweep_once
 from marketplace.hosts import services
 from marketplace.hosts.models import Host
-from marketplace.hosts.presence import presence_store
 from marketplace.hosts.services import host_heartbeat
 from tests.factories import HostFactory
 
-pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture(autouse=True)
-def empty_store() -> Iterator[None]:
-    presence_store().drain()
-    yield
-    presence_store().drain()
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("empty_presence_store")]
 
 
 def test_a_sweep_that_starts_while_another_writes_heartbeats_leaves_live_hosts_online(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import factory
 from django.utils import timezone
 
@@ -39,3 +41,10 @@ class HostFactory(factory.django.DjangoModelFactory[Host]):
     verified_at = factory.LazyFunction(timezone.now)
     hardware_ok = True
     reliability = 0.85
+
+
+def host_with_token(**fields: Any) -> tuple[Any, str]:
+    """A `HostFactory` host (with `fields`) and the plaintext host token an agent would present."""
+    issued = secret_issue("ht")
+    host = HostFactory(token_prefix=issued.prefix, token_digest=issued.digest, **fields)
+    return host, issued.plaintext

@@ -10,28 +10,17 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from hearth_agent import protocol
-from marketplace.accounts.tokens import secret_issue
 from marketplace.gateway.consumers import _hello_accept, _ready_and_claim
 from marketplace.hosts.models import Host
-from marketplace.hosts.services import HOST_TOKEN_KIND
 from marketplace.trust.models import HostSession
-from tests.factories import HostFactory
+from tests.factories import host_with_token
 from tests.frames import hello_payload
 
 pytestmark = pytest.mark.django_db
 
 
 def _offline_host(**fields: Any) -> tuple[Any, str]:
-    issued = secret_issue(HOST_TOKEN_KIND)
-    host: Any = HostFactory(
-        token_prefix=issued.prefix,
-        token_digest=issued.digest,
-        status=Host.Status.OFFLINE,
-        ready=False,
-        channel_name="",
-        **fields,
-    )
-    return host, issued.plaintext
+    return host_with_token(status=Host.Status.OFFLINE, ready=False, channel_name="", **fields)
 
 
 def _statements(captured: CaptureQueriesContext) -> list[str]:

@@ -14,12 +14,10 @@ from channels.db import database_sync_to_async
 from django.test import override_settings
 
 from hearth_agent import protocol
-from marketplace.accounts.tokens import secret_issue
 from marketplace.gateway.consumers import AgentConsumer
 from marketplace.hosts.models import Host
 from marketplace.hosts.presence import presence_store
-from marketplace.hosts.services import HOST_TOKEN_KIND
-from tests.factories import HostFactory
+from tests.factories import host_with_token
 from tests.frames import agent_scope, hello_payload
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -68,17 +66,10 @@ async def _busy_database(entered: threading.Event, release: threading.Event) -> 
 
 
 def test_a_heartbeat_is_acked_and_recorded_while_the_hosts_ready_waits_for_the_database() -> None:
-    issued = secret_issue(HOST_TOKEN_KIND)
-    host: Any = HostFactory(
-        token_prefix=issued.prefix,
-        token_digest=issued.digest,
-        status=Host.Status.OFFLINE,
-        ready=False,
-        channel_name="",
-    )
+    host, token = host_with_token(status=Host.Status.OFFLINE, ready=False, channel_name="")
 
     async def scenario() -> tuple[float, bool, bool]:
-        socket = Socket(issued.plaintext)
+        socket = Socket(token)
         await socket.connect()
         await socket.send(protocol.Hello(payload=hello_payload()))
         await socket.frame_of(protocol.Config)

@@ -17,9 +17,8 @@ from asgiref.testing import ApplicationCommunicator
 from django.test import override_settings
 
 from hearth_agent import protocol
-from marketplace.accounts.tokens import secret_issue
 from marketplace.gateway import consumers
-from tests.factories import HostFactory
+from tests.factories import host_with_token
 from tests.frames import agent_scope, hello_frame
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -52,11 +51,10 @@ def test_a_socket_that_sends_no_hello_is_closed_after_the_hello_timeout() -> Non
 
 @override_settings(HEARTH_HELLO_TIMEOUT_S=TIMEOUT_S)
 def test_a_socket_whose_hello_arrived_in_time_stays_open_after_the_hello_timeout() -> None:
-    secret = secret_issue("ht")
-    HostFactory(token_prefix=secret.prefix, token_digest=secret.digest)
+    _, token = host_with_token()
 
     async def session() -> list[str]:
-        socket = _socket(secret.plaintext)
+        socket = _socket(token)
         await socket.send_input({"type": "websocket.connect"})
         assert (await socket.receive_output(timeout=5))["type"] == "websocket.accept"
         await socket.send_input({"type": "websocket.receive", "text": hello_frame(slots=2)})

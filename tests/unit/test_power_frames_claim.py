@@ -16,11 +16,10 @@ from asgiref.sync import async_to_sync
 from asgiref.testing import ApplicationCommunicator
 
 from hearth_agent import protocol
-from marketplace.accounts.tokens import secret_issue
 from marketplace.gateway import consumers
 from marketplace.matching import selectors
 from tests import fake_runs
-from tests.factories import HostFactory
+from tests.factories import host_with_token
 from tests.frames import agent_scope, hello_frame
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -36,8 +35,7 @@ BARRIER = protocol.TaskRelease(
 
 
 def _claims_during_a_power_frame(monkeypatch: pytest.MonkeyPatch) -> int:
-    secret = secret_issue("ht")
-    HostFactory(token_prefix=secret.prefix, token_digest=secret.digest)
+    _, token = host_with_token()
     calls: list[Any] = []
     real_claim = consumers.tasks_claim_for_host
 
@@ -48,7 +46,7 @@ def _claims_during_a_power_frame(monkeypatch: pytest.MonkeyPatch) -> int:
     monkeypatch.setattr(consumers, "tasks_claim_for_host", counted_claim)
 
     async def session() -> int:
-        socket = ApplicationCommunicator(consumers.AgentConsumer.as_asgi(), agent_scope(secret.plaintext))
+        socket = ApplicationCommunicator(consumers.AgentConsumer.as_asgi(), agent_scope(token))
 
         async def send(text: str) -> None:
             await socket.send_input({"type": "websocket.receive", "text": text})

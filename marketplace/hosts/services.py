@@ -16,6 +16,7 @@ from hearth_agent import protocol
 from hearth_agent.policy import EnergyPolicy
 from marketplace.accounts.models import User
 from marketplace.accounts.tokens import secret_digest, secret_issue
+from marketplace.config.bounded import BoundedCache
 from marketplace.gateway import notify
 from marketplace.hosts.models import EnrollmentToken, Host
 from marketplace.hosts.presence import Beat, presence_store
@@ -267,16 +268,12 @@ def host_policy(*, host: Host) -> EnergyPolicy:
     key = repr(host.policy or {})  # faithful for JSON values, and cheaper than json.dumps
     policy = _POLICIES.get(key)
     if policy is None:
-        policy = EnergyPolicy.model_validate(host.policy or {})
-        if len(_POLICIES) >= _POLICIES_MAX:
-            _POLICIES.clear()
-        _POLICIES[key] = policy
+        policy = _POLICIES.put(key, EnergyPolicy.model_validate(host.policy or {}))
     return policy
 
 
 # Parsed policies by their JSON: owners mostly keep the defaults or change the price, so few.
-_POLICIES: dict[str, EnergyPolicy] = {}
-_POLICIES_MAX = 10_000
+_POLICIES: BoundedCache[str, EnergyPolicy] = BoundedCache(limit=10_000)
 
 
 @transaction.atomic

@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import TypeVar
 
 from hearth_agent.policy import EnergyPolicy, PowerState, Verdict, is_green, work_allowed
+from marketplace.config.bounded import BoundedCache
 
 K = TypeVar("K", bound=Hashable)
 H = TypeVar("H")
@@ -85,19 +86,14 @@ def host_takes_work(host: HostView) -> Verdict:
 # that share a few policy instances (`host_policy` parses each document once), and copying a
 # pydantic model per host cost more than the rule itself. The entry keeps its policy alive, so an
 # id is never reused while it is here.
-_SITE_RULES: dict[int, tuple[EnergyPolicy, EnergyPolicy]] = {}
-_SITE_RULES_MAX = 10_000
+_SITE_RULES: BoundedCache[int, tuple[EnergyPolicy, EnergyPolicy]] = BoundedCache(limit=10_000)
 
 
 def _site_rules(policy: EnergyPolicy) -> EnergyPolicy:
     cached = _SITE_RULES.get(id(policy))
     if cached is not None and cached[0] is policy:
         return cached[1]
-    rules = policy.model_copy(update={"allowed_hours": []})
-    if len(_SITE_RULES) >= _SITE_RULES_MAX:
-        _SITE_RULES.clear()
-    _SITE_RULES[id(policy)] = (policy, rules)
-    return rules
+    return _SITE_RULES.put(id(policy), (policy, policy.model_copy(update={"allowed_hours": []})))[1]
 
 
 def host_can_run(host: HostView, model: ModelNeeds, *, green_only: bool = False) -> str | None:

@@ -35,6 +35,7 @@ from django.utils import timezone
 
 from hearth_agent.policy import is_green
 from marketplace.catalog.models import CatalogModel
+from marketplace.config.bounded import BoundedCache
 from marketplace.gateway import notify
 from marketplace.hosts.models import Host
 from marketplace.jobs.models import Job, Task, TaskRole
@@ -352,8 +353,7 @@ def _waiting_jobs(*, now: datetime) -> dict[uuid.UUID, _Waiting]:
 
 
 # shape → (time.monotonic() when read, whether some host of the fleet could serve it then)
-_SHAPE_VERDICTS: dict[TaskView, tuple[float, bool]] = {}
-_SHAPE_VERDICTS_MAX = 10_000
+_SHAPE_VERDICTS: BoundedCache[TaskView, tuple[float, bool]] = BoundedCache(limit=10_000)
 
 
 def _fleet_serves(shapes: set[TaskView], *, now: datetime) -> set[TaskView]:
@@ -371,11 +371,11 @@ def _fleet_serves(shapes: set[TaskView], *, now: datetime) -> set[TaskView]:
         ),
         key=lambda shape: _SHAPE_VERDICTS[shape][0],
     )
-    if len(_SHAPE_VERDICTS) + len(unread) > _SHAPE_VERDICTS_MAX:
+    if len(_SHAPE_VERDICTS) + len(unread) > _SHAPE_VERDICTS.limit:
         _SHAPE_VERDICTS.clear()
         unread, stale = list(shapes), []
     for shape in [*unread, *stale[:1]]:
-        _SHAPE_VERDICTS[shape] = (clock, _fleet_serves_one(shape, now=now))
+        _SHAPE_VERDICTS.put(shape, (clock, _fleet_serves_one(shape, now=now)))
     return {shape for shape in shapes if _SHAPE_VERDICTS[shape][1]}
 
 

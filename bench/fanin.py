@@ -264,6 +264,7 @@ class Fleet:
 
         async with self.gate:
             for attempt in range(20):
+                ws = None
                 try:
                     ws = await connect(
                         self.url,
@@ -282,6 +283,10 @@ class Fleet:
                     break
                 except Exception:
                     self.stats.errors += 1
+                    if ws is not None:
+                        # Give up this socket before opening the next: left open, it would hold a
+                        # second session for the same host on the server.
+                        ws.transport.abort()
                     await asyncio.sleep(0.2 * (attempt + 1) + random.random())
             else:
                 return False

@@ -60,14 +60,21 @@ def test_a_frozen_agent_goes_offline_within_two_heartbeats_and_another_agent_fin
         job_id = http.post(
             "/api/v1/jobs", json={"model": "all-MiniLM-L6-v2", "inputs": sentences, "task_size": 32}
         ).json()["id"]
+        # Freeze the agent while it holds a lease of this job (not a known-answer task, which is not
+        # the job's). It is frozen first and looked at after, so the lease cannot be answered between
+        # the look and the freeze; if it was, the agent thaws and the test waits for the next one.
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            host = http.get("/api/v1/hosts", auth=owner).json()[0]
-            if host["tasks_in_flight"] > 0:
-                break
+        held = False
+        while not held and time.monotonic() < deadline:
+            if http.get(f"/api/v1/jobs/{job_id}").json()["tasks"]["leased"] > 0:
+                os.killpg(frozen.process.pid, signal.SIGSTOP)
+                stopped_at = time.monotonic()
+                time.sleep(0.3)  # frames already on the wire land
+                held = http.get(f"/api/v1/jobs/{job_id}").json()["tasks"]["leased"] > 0
+                if not held:
+                    os.killpg(frozen.process.pid, signal.SIGCONT)
             time.sleep(0.02)
-        os.killpg(frozen.process.pid, signal.SIGSTOP)
-        stopped_at = time.monotonic()
+        assert held, "the agent never held a lease of the job"
         try:
             while time.monotonic() - stopped_at < 10:
                 host = http.get("/api/v1/hosts", auth=owner).json()[0]

@@ -34,9 +34,11 @@ def sweep_once(*, now: datetime | None = None) -> tuple[int, int]:
             # whose beats it holds would look silent.
             logger.info("sweep skipped: another sweep is running")
             return 0, 0
-        # Heartbeats since the last sweep first: the lease and offline checks below read what they wrote.
-        hosts_presence_flush()
+        # Silence is judged as of now, taken before the heartbeats since the last sweep are written
+        # (the lease and offline checks below read what that wrote): a flush that waits on a busy
+        # disk must not make the beats it carries look older than they were when it took them.
         now = now or timezone.now()
+        hosts_presence_flush()
         power_rollup(now=now)
         hosts_request_benchmark(now=now)
         # Pending host earnings past the verification window become available, except a quarantined

@@ -1,6 +1,7 @@
-"""Sweeps take turns: one that starts while another holds drained but unwritten heartbeats skips its
-turn instead of sweeping the hosts those beats came from (Celery runs several sweeps at once when a
-worker has more than one process). The store is the one this run configures: memory, or Redis
+"""Sweeps judge silence fairly. They take turns: one that starts while another holds drained but
+unwritten heartbeats skips its turn instead of sweeping the hosts those beats came from (Celery runs
+several sweeps at once when a worker has more than one process). And a slow flush does not make the
+beats it wrote look old. The store is the one this run configures: memory, or Redis
 when REDIS_URL is set."""
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from django.conf import settings
 from django.utils import timezone
 
 from hearth_agent import protocol
@@ -61,3 +63,30 @@ def test_the_next_sweep_runs_once_the_previous_one_has_finished() -> None:
     assert sweep_once() == (0, 1)
     silent.refresh_from_db()
     assert silent.status == Host.Status.OFFLINE
+
+
+def test_a_flush_slower_than_the_offline_window_does_not_sweep_the_hosts_whose_beats_it_wrote(
+    monkeypatch: pytest.MonkeyPatch, time_machine: Any
+) -> None:
+    # A sweep judges silence as of the moment it took the beats: a flush that waited on a busy
+    # disk longer than the offline window must not make the beats it carried look too old.
+    time_machine.move_to(timezone.now(), tick=False)
+    host: Any = HostFactory(offline_after=timezone.now() - timedelta(seconds=1))
+    host_heartbeat(
+        host_id=host.pk,
+        channel_name=host.channel_name,
+        payload=protocol.HeartbeatPayload(status="idle", free_slots=host.slots),
+    )
+    window = timedelta(seconds=settings.HEARTH_OFFLINE_AFTER_BEATS * settings.HEARTH_HEARTBEAT_INTERVAL_S)
+    real_write = services._presence_write
+
+    def slow_write(beats: Any) -> None:
+        real_write(beats)
+        time_machine.shift(window + timedelta(seconds=1))
+
+    monkeypatch.setattr(services, "_presence_write", slow_write)
+
+    assert sweep_once() == (0, 0)
+
+    host.refresh_from_db()
+    assert host.status == Host.Status.ONLINE

@@ -53,6 +53,7 @@ def _host_json(host: Host) -> dict[str, Any]:
         "status": host.status,
         "ready": host.ready,
         "tasks_in_flight": getattr(host, "tasks_in_flight", None),
+        "canaries_in_flight": getattr(host, "canaries_in_flight", None),
         "revoked": host.revoked_at is not None,
         "agent_version": host.agent_version,
         "device": host.device,

@@ -16,6 +16,10 @@ from marketplace.devstack import LocalStack
 pytestmark = pytest.mark.integration
 
 
+def _buyer_leases(host: dict[str, Any]) -> int:
+    return int(host["tasks_in_flight"]) - int(host["canaries_in_flight"])
+
+
 def test_the_job_completes_on_the_other_agent_when_one_is_killed(stack: LocalStack, minilm: Any) -> None:
     owner = stack.signup(email="killer-test@example.com", role="host")
     victim = stack.start_agent(
@@ -32,18 +36,19 @@ def test_the_job_completes_on_the_other_agent_when_one_is_killed(stack: LocalSta
         job_id = http.post(
             "/api/v1/jobs", json={"model": "all-MiniLM-L6-v2", "inputs": sentences, "task_size": 32}
         ).json()["id"]
-        # Kill the victim while it holds a lease, once some work is done. It is frozen first, so the
-        # lease the server shows cannot be answered between our look and the kill.
+        # Kill the victim while it holds a buyer's lease (not a known-answer check, which is no
+        # job's), once some work is done. It is frozen first, so the lease the server shows cannot
+        # be answered between our look and the kill.
         deadline = time.monotonic() + 120
         held = False
         while not held and time.monotonic() < deadline:
             job = http.get(f"/api/v1/jobs/{job_id}").json()
             hosts = {h["name"]: h for h in http.get("/api/v1/hosts", auth=owner).json()}
-            if job["items_done"] > 0 and hosts["victim"]["tasks_in_flight"] > 0:
+            if job["items_done"] > 0 and _buyer_leases(hosts["victim"]) > 0:
                 os.killpg(victim.process.pid, signal.SIGSTOP)
                 time.sleep(0.3)  # frames already on the wire land
                 hosts = {h["name"]: h for h in http.get("/api/v1/hosts", auth=owner).json()}
-                held = hosts["victim"]["tasks_in_flight"] > 0
+                held = _buyer_leases(hosts["victim"]) > 0
                 if not held:
                     os.killpg(victim.process.pid, signal.SIGCONT)
             time.sleep(0.05)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
-from django.db import transaction
-from django.db.models import Case, DateTimeField, F, Q, Value, When
+from django.db import connection, transaction
+from django.db.models import Field
 from django.utils import timezone
 
 from hearth_agent import protocol
@@ -210,20 +211,50 @@ def hosts_presence_flush() -> int:
 def _presence_write(beats: list[Beat]) -> None:
     from marketplace.jobs.services import leases_renew_many
 
-    current = Q()
-    seen: list[When] = []
-    until: list[When] = []
-    for beat in beats:
-        this = Q(pk=beat.host_id, channel_name=beat.channel_name)
-        current |= this
-        seen.append(When(this, then=Value(beat.at)))
-        until.append(When(this, then=Value(_offline_after(beat.at))))
-    Host.objects.filter(current).update(
-        last_seen_at=Case(*seen, default=F("last_seen_at"), output_field=DateTimeField()),
-        offline_after=Case(*until, default=F("offline_after"), output_field=DateTimeField()),
-        status=Host.Status.ONLINE,
-    )
+    _hosts_seen(beats)
     leases_renew_many(held={(beat.host_id, beat.at): list(beat.running) for beat in beats if beat.running})
+
+
+def _hosts_seen(beats: list[Beat]) -> None:
+    """Each beat's host row, if it still names the beat's connection: seen then, offline a window
+    later, online. One `UPDATE … FROM (VALUES …)` whose SQL is a string join: the ORM's version, a
+    CASE with a WHEN per beat, took the Django compiler ~28% of a 2,000-agent server's time (py-spy),
+    holding the GIL while heartbeat acks waited."""
+    if not beats:
+        return
+    quote = connection.ops.quote_name
+    table = quote(Host._meta.db_table)
+
+    def column(name: str) -> str:
+        field = Host._meta.get_field(name)
+        assert isinstance(field, Field)
+        return quote(str(field.column))
+
+    key = Host._meta.get_field("id")
+    stamp = Host._meta.get_field("last_seen_at")
+    row = (
+        "(%s::uuid, %s, %s::timestamptz, %s::timestamptz)"
+        if connection.vendor == "postgresql"
+        else "(%s, %s, %s, %s)"
+    )
+    params: list[Any] = []
+    for beat in beats:
+        params += [
+            key.get_db_prep_value(beat.host_id, connection),
+            beat.channel_name,
+            stamp.get_db_prep_value(beat.at, connection),
+            stamp.get_db_prep_value(_offline_after(beat.at), connection),
+        ]
+    params.append(Host.Status.ONLINE.value)
+    sql = (
+        f"WITH beat (host_id, channel_name, seen, until) AS (VALUES {', '.join([row] * len(beats))}) "
+        f"UPDATE {table} SET {column('last_seen_at')} = beat.seen, {column('offline_after')} = beat.until, "
+        f"{column('status')} = %s "
+        f"FROM beat WHERE {table}.{column('id')} = beat.host_id "
+        f"AND {table}.{column('channel_name')} = beat.channel_name"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
 
 
 @transaction.atomic

@@ -54,6 +54,7 @@ from marketplace.matching.scoring import (
     pair_rejection,
 )
 from marketplace.matching.selectors import host_view, power_fresh_since, task_view
+from marketplace.trust.models import CanaryItem
 from marketplace.trust.scoring import canary_rate
 from marketplace.trust.services import canary_lease, host_trusted
 
@@ -228,10 +229,9 @@ def _canary_for_unverified(host: Host, *, now: datetime) -> Task | None:
     """The next known-answer task for a host still proving itself, shaped like the queued work."""
     if Task.objects.filter(leased_to=host, status=TaskStatus.LEASED, role=TaskRole.CANARY).exists():
         return None
-    models = CatalogModel.objects.filter(
-        is_active=True, min_memory_mb__lte=host.memory_mb, canary_items__isnull=False
-    )
-    model = models.distinct().order_by("created_at").first()
+    banked = CanaryItem.objects.filter(model=OuterRef("pk"))
+    models = CatalogModel.objects.filter(Exists(banked), is_active=True, min_memory_mb__lte=host.memory_mb)
+    model = models.order_by("created_at").first()
     if model is None:
         return None
     queued = Task.objects.filter(status=TaskStatus.QUEUED, role=TaskRole.PRIMARY, job__model=model)

@@ -301,10 +301,12 @@ def canary_job(*, model: CatalogModel) -> Job:
 def canary_lease(*, host: Host, model: CatalogModel, size: int, now: datetime) -> Task | None:
     """A known-answer task leased straight to `host`, cut from the model's bank at random, shaped
     like the real work around it. None when the model has no bank."""
-    items = list(CanaryItem.objects.filter(model=model).values_list("text", "embedding"))
-    if not items:
+    # The bank's keys first, then only the chosen rows: not every embedding of the bank per lease.
+    bank = list(CanaryItem.objects.filter(model=model).values_list("pk", flat=True))
+    if not bank:
         return None
-    chosen = _random.sample(items, min(size, len(items)))
+    picked = _random.sample(bank, min(size, len(bank)))
+    chosen = list(CanaryItem.objects.filter(pk__in=picked).values_list("text", "embedding"))
     task = Task(
         job=canary_job(model=model),
         index=0,

@@ -17,7 +17,9 @@ import pytest
 
 from marketplace.devstack import LocalStack
 
-pytestmark = pytest.mark.integration
+# Installing the agent (venv, torch kept, pip, enrollment) is the same on any server database; the
+# server side of a session is covered on PostgreSQL + Redis by every other integration test.
+pytestmark = [pytest.mark.integration, pytest.mark.once]
 
 # The only torch this machine may install: a local CPU wheel. Anything else pulls a multi-GB CUDA build.
 TORCH = "torch==2.13.0"

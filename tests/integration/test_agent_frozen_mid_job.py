@@ -77,7 +77,7 @@ def test_a_frozen_agent_goes_offline_within_two_heartbeats_and_another_agent_fin
         assert held, "the agent never held a lease of the job"
         try:
             while time.monotonic() - stopped_at < 10:
-                host = http.get("/api/v1/hosts", auth=owner).json()[0]
+                host = http.get("/api/v1/hosts", headers=stack.auth_headers(owner)).json()[0]
                 if host["status"] == "offline":
                     break
                 time.sleep(0.05)

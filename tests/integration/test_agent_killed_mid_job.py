@@ -43,11 +43,15 @@ def test_the_job_completes_on_the_other_agent_when_one_is_killed(stack: LocalSta
         held = False
         while not held and time.monotonic() < deadline:
             job = http.get(f"/api/v1/jobs/{job_id}").json()
-            hosts = {h["name"]: h for h in http.get("/api/v1/hosts", auth=owner).json()}
+            hosts = {
+                h["name"]: h for h in http.get("/api/v1/hosts", headers=stack.auth_headers(owner)).json()
+            }
             if job["items_done"] > 0 and _buyer_leases(hosts["victim"]) > 0:
                 os.killpg(victim.process.pid, signal.SIGSTOP)
                 time.sleep(0.3)  # frames already on the wire land
-                hosts = {h["name"]: h for h in http.get("/api/v1/hosts", auth=owner).json()}
+                hosts = {
+                    h["name"]: h for h in http.get("/api/v1/hosts", headers=stack.auth_headers(owner)).json()
+                }
                 held = _buyer_leases(hosts["victim"]) > 0
                 if not held:
                     os.killpg(victim.process.pid, signal.SIGCONT)
@@ -61,7 +65,7 @@ def test_the_job_completes_on_the_other_agent_when_one_is_killed(stack: LocalSta
     assert survivor.process.poll() is None
     with stack.client(headers={"Authorization": f"Bearer {api_key}"}) as http:
         rows = [json.loads(line) for line in http.get(f"/api/v1/jobs/{job_id}/results").text.splitlines()]
-        hosts = {h["name"]: h for h in http.get("/api/v1/hosts", auth=owner).json()}
+        hosts = {h["name"]: h for h in http.get("/api/v1/hosts", headers=stack.auth_headers(owner)).json()}
     assert [row["index"] for row in rows] == list(range(len(sentences)))
     assert hosts["victim"]["status"] == "offline"
     assert hosts["victim"]["tasks_in_flight"] == 0

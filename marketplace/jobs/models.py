@@ -133,7 +133,38 @@ class Task(models.Model):
                 name="unique_task_index_per_job",
             )
         ]
-        indexes = [models.Index(fields=["status", "job"], name="task_status_job")]
+        indexes = [
+            models.Index(fields=["status", "job"], name="task_status_job"),
+            # Covering indexes for what each result and each progress read asks of a job's runs. The
+            # row holds its inputs and output (kilobytes each) ahead of these columns: on SQLite a
+            # scan of a 200-task job's rows walks their overflow pages, ~5 ms each time; these
+            # answer from the index alone (~0.01-0.04 ms).
+            models.Index(
+                fields=[
+                    "job",
+                    "role",
+                    "status",
+                    "settled",
+                    "verdict",
+                    "needs_trusted",
+                    "attempt",
+                    "energy_source",
+                    "energy_wh",
+                ],
+                name="task_job_progress",
+            ),
+            models.Index(
+                fields=[
+                    "job",
+                    "completed_by",
+                    "paid_by_buyer",
+                    "paid_minor",
+                    "item_count",
+                    "price_per_1k_minor",
+                ],
+                name="task_job_host_paid",
+            ),
+        ]
 
     def __str__(self) -> str:
         return f"task {self.index} of {self.job_id} ({self.status})"

@@ -10,7 +10,6 @@ from typing import Any
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import connection, transaction
-from django.db.models import Field
 from django.utils import timezone
 
 from hearth_agent import protocol
@@ -18,6 +17,7 @@ from hearth_agent.policy import EnergyPolicy
 from marketplace.accounts.models import User
 from marketplace.accounts.tokens import secret_digest, secret_issue
 from marketplace.config.bounded import BoundedCache
+from marketplace.config.sql import sql_column, sql_table, sql_values_row
 from marketplace.gateway import notify
 from marketplace.hosts.models import EnrollmentToken, Host
 from marketplace.hosts.presence import Beat, presence_store
@@ -222,21 +222,14 @@ def _hosts_seen(beats: list[Beat]) -> None:
     holding the GIL while heartbeat acks waited."""
     if not beats:
         return
-    quote = connection.ops.quote_name
-    table = quote(Host._meta.db_table)
+    table = sql_table(Host)
 
     def column(name: str) -> str:
-        field = Host._meta.get_field(name)
-        assert isinstance(field, Field)
-        return quote(str(field.column))
+        return sql_column(Host, name)
 
     key = Host._meta.get_field("id")
     stamp = Host._meta.get_field("last_seen_at")
-    row = (
-        "(%s::uuid, %s, %s::timestamptz, %s::timestamptz)"
-        if connection.vendor == "postgresql"
-        else "(%s, %s, %s, %s)"
-    )
+    row = sql_values_row("uuid", "", "timestamptz", "timestamptz")
     params: list[Any] = []
     for beat in beats:
         params += [

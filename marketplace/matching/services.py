@@ -29,13 +29,14 @@ from typing import Any
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import Count, Exists, F, Field, Min, OuterRef, Q, QuerySet, Subquery
+from django.db.models import Count, Exists, F, Min, OuterRef, Q, QuerySet, Subquery
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from hearth_agent.policy import is_green
 from marketplace.catalog.models import CatalogModel
 from marketplace.config.bounded import BoundedCache
+from marketplace.config.sql import sql_column, sql_table, sql_values_row
 from marketplace.gateway import notify
 from marketplace.hosts.models import Host
 from marketplace.jobs.models import Job, Task, TaskRole
@@ -577,17 +578,12 @@ def _lease_planned(seats: list[_Seat], *, expires: datetime, now: datetime) -> d
     moved: dict[uuid.UUID, uuid.UUID] = {}
     if not plan:
         return moved
-    quote = connection.ops.quote_name
-    table = quote(Task._meta.db_table)
-    c = {name: f"{table}.{quote(_column(name))}" for name in _LEASE_COLUMNS}
-    bare = {name: quote(_column(name)) for name in _LEASE_COLUMNS}  # SET takes unqualified names
+    table = sql_table(Task)
+    c = {name: f"{table}.{sql_column(Task, name)}" for name in _LEASE_COLUMNS}
+    bare = {name: sql_column(Task, name) for name in _LEASE_COLUMNS}  # SET takes unqualified names
     uuid_field = Task._meta.get_field("id")
     stamp = Task._meta.get_field("assigned_at")
-    row = (
-        "(%s::uuid, %s::uuid, %s::uuid, %s::integer)"
-        if connection.vendor == "postgresql"
-        else "(%s, %s, %s, %s)"
-    )
+    row = sql_values_row("uuid", "uuid", "uuid", "integer")
     for start in range(0, len(plan), _LEASE_CHUNK):
         chunk = plan[start : start + _LEASE_CHUNK]
         sql = (
@@ -629,12 +625,6 @@ _LEASE_COLUMNS = (
     "assigned_at",
     "attempt",
 )
-
-
-def _column(name: str) -> str:
-    field = Task._meta.get_field(name)
-    assert isinstance(field, Field)
-    return str(field.column)
 
 
 def _db_uuid(field: Any, value: uuid.UUID) -> object:

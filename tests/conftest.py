@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from rest_framework.test import APIClient
 
-from tests.factories import HostFactory, UserFactory
+from tests.factories import HostFactory, UserFactory, api_client
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -72,22 +72,18 @@ def host(host_owner: Any) -> Any:
 @pytest.fixture
 def api(buyer: Any) -> APIClient:
     """An API client authenticated with a real API key of `buyer`."""
-    from marketplace.accounts.services import api_key_create
-
-    client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Bearer {api_key_create(user=buyer, name='tests').plaintext}")
-    return client
+    return api_client(buyer)
 
 
 @pytest.fixture
 def other_api(other_buyer: Any) -> APIClient:
-    from marketplace.accounts.services import api_key_create
+    return api_client(other_buyer)
 
-    client = APIClient()
-    client.credentials(
-        HTTP_AUTHORIZATION=f"Bearer {api_key_create(user=other_buyer, name='tests').plaintext}"
-    )
-    return client
+
+@pytest.fixture
+def owner_api(host: Any) -> APIClient:
+    """An API client of the owner of `host`."""
+    return api_client(host.owner)
 
 
 @pytest.fixture(autouse=True)

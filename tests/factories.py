@@ -6,8 +6,10 @@ from typing import Any
 
 import factory
 from django.utils import timezone
+from rest_framework.test import APIClient
 
 from marketplace.accounts.models import User
+from marketplace.accounts.services import api_key_create
 from marketplace.accounts.tokens import secret_issue
 from marketplace.hosts.models import Host
 
@@ -48,3 +50,10 @@ def host_with_token(**fields: Any) -> tuple[Any, str]:
     issued = secret_issue("ht")
     host = HostFactory(token_prefix=issued.prefix, token_digest=issued.digest, **fields)
     return host, issued.plaintext
+
+
+def api_client(user: Any) -> APIClient:
+    """An API client authenticated with a real API key of `user`."""
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {api_key_create(user=user, name='tests').plaintext}")
+    return client

@@ -17,16 +17,8 @@ from marketplace.trust.services import canary_lease
 pytestmark = pytest.mark.django_db
 
 
-def _owner_client(owner: Any) -> APIClient:
-    from marketplace.accounts.services import api_key_create
-
-    client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Bearer {api_key_create(user=owner, name='tests').plaintext}")
-    return client
-
-
 def test_the_machine_list_counts_canaries_in_flight_apart_from_the_buyers_tasks(
-    api: APIClient, catalog: Any, host: Host, host_owner: Any
+    api: APIClient, owner_api: APIClient, catalog: Any, host: Host
 ) -> None:
     job_id = api.post(
         "/api/v1/jobs", {"model": catalog.name, "inputs": ["a", "b", "c"], "task_size": 1}, format="json"
@@ -36,5 +28,5 @@ def test_the_machine_list_counts_canaries_in_flight_apart_from_the_buyers_tasks(
     CanaryItem.objects.create(model=catalog, weights_sha256="0" * 64, text="known", embedding=b"\0" * 1536)
     assert canary_lease(host=host, model=catalog, size=1, now=timezone.now()) is not None
 
-    listed = _owner_client(host_owner).get("/api/v1/hosts").json()
+    listed = owner_api.get("/api/v1/hosts").json()
     assert [(h["tasks_in_flight"], h["canaries_in_flight"]) for h in listed] == [(3, 1)]

@@ -5,24 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from rest_framework.test import APIClient
 
 from marketplace.hosts.models import Host
-from tests.factories import HostFactory, UserFactory
+from tests.factories import HostFactory, UserFactory, api_client
 
 pytestmark = pytest.mark.django_db
 
 
-def _owner_client(owner: Any) -> APIClient:
-    from marketplace.accounts.services import api_key_create
-
-    client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Bearer {api_key_create(user=owner, name='tests').plaintext}")
-    return client
-
-
 def test_an_owner_sets_the_region_and_name_of_a_machine(host: Host, host_owner: Any) -> None:
-    response = _owner_client(host_owner).patch(
+    response = api_client(host_owner).patch(
         f"/api/v1/hosts/{host.pk}", {"region": " EU-West ", "name": "attic box"}, format="json"
     )
     assert response.status_code == 200, response.content
@@ -30,14 +21,14 @@ def test_an_owner_sets_the_region_and_name_of_a_machine(host: Host, host_owner: 
     assert response.json()["name"] == "attic box"
     host.refresh_from_db()
     assert (host.region, host.name) == ("eu-west", "attic box")
-    assert _owner_client(host_owner).get(f"/api/v1/hosts/{host.pk}").json()["region"] == "eu-west"
+    assert api_client(host_owner).get(f"/api/v1/hosts/{host.pk}").json()["region"] == "eu-west"
 
 
 def test_a_blank_region_means_the_machine_takes_work_from_any_region_only(
     host: Host, host_owner: Any
 ) -> None:
     Host.objects.filter(pk=host.pk).update(region="us-east")
-    response = _owner_client(host_owner).patch(f"/api/v1/hosts/{host.pk}", {"region": ""}, format="json")
+    response = api_client(host_owner).patch(f"/api/v1/hosts/{host.pk}", {"region": ""}, format="json")
     assert response.status_code == 200
     host.refresh_from_db()
     assert host.region == ""
@@ -59,7 +50,7 @@ def test_a_bad_change_is_refused_naming_the_field_and_nothing_is_stored(
 ) -> None:
     Host.objects.filter(pk=host.pk).update(region="eu-west")
     before = Host.objects.values("name", "region").get(pk=host.pk)
-    response = _owner_client(host_owner).patch(
+    response = api_client(host_owner).patch(
         f"/api/v1/hosts/{host.pk}", {**body, "region": body.get("region", "us-east")}, format="json"
     )
     assert response.status_code == 400, response.content
@@ -70,7 +61,7 @@ def test_a_bad_change_is_refused_naming_the_field_and_nothing_is_stored(
 def test_another_owners_machine_is_not_found(host: Host) -> None:
     stranger = UserFactory(role="host")
     HostFactory(owner=stranger)
-    response = _owner_client(stranger).patch(f"/api/v1/hosts/{host.pk}", {"region": "eu-west"}, format="json")
+    response = api_client(stranger).patch(f"/api/v1/hosts/{host.pk}", {"region": "eu-west"}, format="json")
     assert response.status_code == 404
     host.refresh_from_db()
     assert host.region == ""

@@ -13,15 +13,6 @@ from marketplace.trust.services import score_update, strike
 pytestmark = pytest.mark.django_db
 
 
-@pytest.fixture
-def owner_api(host: Any) -> APIClient:
-    from marketplace.accounts.services import api_key_create
-
-    client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Bearer {api_key_create(user=host.owner, name='t').plaintext}")
-    return client
-
-
 def test_the_owner_reads_the_score_its_parts_the_strikes_and_each_change_with_its_reason(
     owner_api: APIClient, host: Any
 ) -> None:

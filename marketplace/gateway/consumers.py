@@ -23,6 +23,7 @@ from django.utils import timezone
 
 from hearth_agent import protocol
 from hearth_agent.policy import EnergyPolicy
+from marketplace.gateway.coalesce import coalescer
 from marketplace.hosts import services as host_services
 from marketplace.hosts.models import Host
 from marketplace.hosts.power import power_record
@@ -73,14 +74,18 @@ def _bearer_token(scope: dict[str, Any]) -> str | None:
 
 async def _record_heartbeat(*, host_id: Any, channel_name: str, payload: protocol.HeartbeatPayload) -> None:
     if settings.HEARTH_PRESENCE == "db":
+        # The old path, kept to compare with: one UPDATE per beat on the one database thread.
         await database_sync_to_async(host_services.host_heartbeat)(
             host_id=host_id, channel_name=channel_name, payload=payload
         )
-    else:
-        # A presence-store write, not a query: off the one thread that serializes database work.
-        await sync_to_async(host_services.host_heartbeat, thread_sensitive=False)(
-            host_id=host_id, channel_name=channel_name, payload=payload
-        )
+        return
+    beat = host_services.heartbeat_beat(host_id=host_id, channel_name=channel_name, payload=payload)
+    # A presence-store write, not a query: off the one thread that serializes database work, and
+    # gathered with the other sockets' beats into one write.
+    await coalescer(_record_heartbeat, _heartbeats_write).add(beat)
+
+
+_heartbeats_write = sync_to_async(host_services.hosts_heartbeats, thread_sensitive=False)
 
 
 _queued_refresh: asyncio.Future[bool] | None = None

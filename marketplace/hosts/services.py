@@ -169,20 +169,29 @@ def host_ready(*, host_id: uuid.UUID, channel_name: str, payload: protocol.Ready
 def host_heartbeat(
     *, host_id: uuid.UUID, channel_name: str, payload: protocol.HeartbeatPayload, now: datetime | None = None
 ) -> None:
-    """Note that the connection is alive and which leases it holds.
+    """Note that the connection is alive and which leases it holds (`hosts_heartbeats` of one)."""
+    hosts_heartbeats([heartbeat_beat(host_id=host_id, channel_name=channel_name, payload=payload, now=now)])
 
-    The beat goes to the presence store; the sweep's `hosts_presence_flush` moves `offline_after`
+
+def heartbeat_beat(
+    *, host_id: uuid.UUID, channel_name: str, payload: protocol.HeartbeatPayload, now: datetime | None = None
+) -> Beat:
+    """What the presence store keeps of a heartbeat frame."""
+    return Beat(
+        host_id=host_id, channel_name=channel_name, at=now or timezone.now(), running=tuple(payload.running)
+    )
+
+
+def hosts_heartbeats(beats: list[Beat]) -> None:
+    """Note that these connections are alive and which leases they hold, in one write.
+
+    The beats go to the presence store; the sweep's `hosts_presence_flush` moves `offline_after`
     and renews the leases. `HEARTH_PRESENCE=db` writes through at once instead (the old path).
     """
-    now = now or timezone.now()
     if settings.HEARTH_PRESENCE == "db":
-        _presence_write(
-            [Beat(host_id=host_id, channel_name=channel_name, at=now, running=tuple(payload.running))]
-        )
+        _presence_write(beats)
         return
-    presence_store().record(
-        Beat(host_id=host_id, channel_name=channel_name, at=now, running=tuple(payload.running))
-    )
+    presence_store().record_many(beats)
 
 
 PRESENCE_BATCH = 500

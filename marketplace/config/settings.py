@@ -161,6 +161,10 @@ if HEARTH_PRESENCE == "memory" and HEARTH_BACKGROUND == "celery":
 if HEARTH_PRESENCE == "redis" and not REDIS_URL:
     raise ImproperEnvironment("HEARTH_PRESENCE=redis needs REDIS_URL")
 HEARTH_POWER_INTERVAL_S = env_float("HEARTH_POWER_INTERVAL_S", 10.0, minimum=0.1)
+# Threads (each with its own database connection) that run the agent sockets' database work; one
+# socket's work still runs in order. PostgreSQL serves several at once, and a connect is mostly
+# waiting on its round trips (bench.fanin); SQLite takes one writer at a time, so one thread there.
+HEARTH_GATEWAY_DB_THREADS = env_int("HEARTH_GATEWAY_DB_THREADS", 4 if DATABASE_URL else 1, minimum=1)
 # A socket must send its hello (which carries the token check) this soon after it opens, or it is
 # closed: the token is checked with the hello, so an unchecked socket is held open only this long.
 HEARTH_HELLO_TIMEOUT_S = env_float("HEARTH_HELLO_TIMEOUT_S", 30.0, minimum=0.1)

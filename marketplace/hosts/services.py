@@ -116,12 +116,14 @@ def host_connect_with_token(
 ) -> Host | None:
     """`host_authenticate` and `host_connect` in one read of the row, under its lock (a token
     revoked meanwhile cannot open a session); None when the token is unknown or revoked."""
-    host = (
-        Host.objects.select_for_update()
-        .filter(token_digest=secret_digest(host_token), revoked_at__isnull=True)
-        .first()
+    # Sliced, not `.first()`: the digest is unique, and `.first()` adds an ORDER BY that the ORM
+    # compiled on every connect (8% of the server's GIL time in py-spy, bench.fanin at 2,000 agents).
+    found = list(
+        Host.objects.select_for_update().filter(
+            token_digest=secret_digest(host_token), revoked_at__isnull=True
+        )[:1]
     )
-    return None if host is None else _session_open(host, channel_name, hello)
+    return _session_open(found[0], channel_name, hello) if found else None
 
 
 def _session_open(host: Host, channel_name: str, hello: protocol.HelloPayload) -> Host:

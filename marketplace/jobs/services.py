@@ -366,7 +366,11 @@ def _release_all(tasks: list[Task], *, reason: str, now: datetime) -> int:
 
 def tasks_requeue_for_host(*, host_id: uuid.UUID, reason: str) -> int:
     """Requeue every lease a host holds (it went away or lost its token)."""
-    tasks = list(Task.objects.filter(status=TaskStatus.LEASED, leased_to_id=host_id))
+    # Ordered by the job's id, not the model's ("job": a join to order by the job's creation): any
+    # fixed order keeps the job locks below taken in one order.
+    tasks = list(
+        Task.objects.filter(status=TaskStatus.LEASED, leased_to_id=host_id).order_by("job_id", "index")
+    )
     return _release_all(tasks, reason=reason, now=timezone.now())
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import random
 import sys
 import time
@@ -147,6 +148,16 @@ def hosts_answer() -> int:
     )
 
 
+def hosts_report_power() -> None:
+    """The simulated hosts send a power frame, as live agents do every HEARTH_POWER_INTERVAL_S: a
+    reading goes stale after three intervals, and green-only work waits for a fresh one."""
+    from django.utils import timezone
+
+    from marketplace.hosts.models import Host
+
+    Host.objects.update(power_at=timezone.now())
+
+
 def naive_claims(*, tasks: int) -> tuple[int, float]:
     """One task per transaction: lock any queued task, lease it to the next host. No fairness,
     filters or scores, so the cheapest one-at-a-time claim there is: generous to the baseline."""
@@ -200,47 +211,88 @@ def sustained(*, limit: int) -> dict[str, Any]:
             break
         assigned.extend(leased)
         hosts_answer()
+        hosts_report_power()
     return {"assigned": assigned, "seconds": in_rounds, "rounds": rounds}
 
 
 def half_load(*, model: Any, buyers: list[Any], rate: float, seconds: float, limit: int) -> dict[str, Any]:
-    """Submit tasks on a schedule at `rate` per second while rounds run; each task's latency."""
-    from marketplace.jobs.models import Job, Task
+    """Rounds back to back on this thread, as a dispatcher process runs them, while another process
+    (the buyers through the API, the hosts through their sockets) submits tasks on a schedule at
+    `rate` per second for `seconds` and finishes what the hosts hold. A task's latency is the end of the round that leased it minus its scheduled submit time
+    (both `time.perf_counter()`, one monotonic clock for every process on the machine)."""
+    from django.db import connections
+
+    from marketplace.jobs.models import Job
     from marketplace.matching.services import tasks_claim_batch
 
     jobs = Job.objects.bulk_create(
         Job(buyer=buyer, model=model, task_size=10, items_total=0, max_price_per_1k_minor=100)
         for buyer in buyers[:20]
     )
-    inputs = [f"item {n}" for n in range(10)]
-    submitted_at: dict[uuid.UUID, float] = {}
-    latencies_ms: list[float] = []
-    start = time.perf_counter()
-    made = 0
+    connections.close_all()  # the other process opens its own; a forked socket would be shared
+    ours, theirs = mp.get_context("fork").Pipe()
+    start = time.perf_counter() + 0.5
+    side = mp.get_context("fork").Process(
+        target=_buyers_and_hosts, args=(theirs, [job.pk for job in jobs], start, rate, seconds)
+    )
+    side.start()
+    leased_at: dict[uuid.UUID, float] = {}
+    round_ms: list[float] = []
+    submitted: dict[uuid.UUID, float] | None = None
     while True:
-        now = time.perf_counter()
-        if now - start >= seconds and len(latencies_ms) == made:
+        began = time.perf_counter()
+        got = tasks_claim_batch(limit=limit)
+        ended = time.perf_counter()
+        if ended >= start:
+            round_ms.append((ended - began) * 1000)
+        for assignments in got.values():
+            leased_at.update((a.task_id, ended) for a in assignments)
+        if submitted is None and ours.poll():
+            submitted = ours.recv()  # the schedule is over
+        if submitted is not None and not got and all(task in leased_at for task in submitted):
             break
-        due = min(int((now - start) * rate), int(seconds * rate)) - made
+        if submitted is not None and not got and time.perf_counter() - start > seconds + 10:
+            break  # what is left no host can take
+    side.join()
+    assert submitted is not None
+    latencies_ms = sorted(
+        (leased_at[task] - at) * 1000 for task, at in submitted.items() if task in leased_at
+    )
+    round_ms.sort()
+    return {"submitted": len(submitted), "latencies_ms": latencies_ms, "round_ms": round_ms}
+
+
+def _buyers_and_hosts(pipe: Any, job_ids: list[uuid.UUID], start: float, rate: float, seconds: float) -> None:
+    """The dispatcher's counterparts, in their own process: submit on schedule (each task stamped with
+    the instant the schedule says it was submitted, however late the insert ran) and let the hosts
+    answer every 50 ms; send the stamps back. (No power frames: none of these jobs is green-only.)"""
+    from django.db import connections
+
+    from marketplace.jobs.models import Job, Task
+
+    jobs = list(Job.objects.filter(pk__in=job_ids))
+    inputs = [f"item {n}" for n in range(10)]
+    submitted: dict[uuid.UUID, float] = {}
+    made = 0
+    answered = start
+    while (now := time.perf_counter()) < start + seconds:
+        due = min(int(max(0.0, now - start) * rate), int(seconds * rate)) - made
         if due > 0:
             batch = []
             for k in range(made, made + due):
-                job = jobs[k % len(jobs)]
-                task = Task(job=job, index=k, first_item=k * 10, inputs=inputs, item_count=10, billable=True)
-                task.group = task.pk
+                task = Task(job=jobs[k % len(jobs)], index=k, first_item=k * 10, inputs=inputs, item_count=10)
+                task.billable, task.group = True, task.pk
                 batch.append(task)
-                submitted_at[task.pk] = start + k / rate  # when the buyer submitted it, on schedule
+                submitted[task.pk] = start + k / rate  # when the buyer submitted it, on schedule
             Task.objects.bulk_create(batch)
             made += due
-        got = tasks_claim_batch(limit=limit)
-        ended = time.perf_counter()
-        for assignments in got.values():
-            latencies_ms.extend((ended - submitted_at.pop(a.task_id)) * 1000 for a in assignments)
-        hosts_answer()
-        if not got and now - start >= seconds:
-            break  # what is left no host can take
-    latencies_ms.sort()
-    return {"submitted": made, "latencies_ms": latencies_ms}
+        if now - answered >= 0.05:
+            hosts_answer()
+            answered = now
+        time.sleep(0.001)
+    pipe.send(submitted)
+    hosts_answer()
+    connections.close_all()
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -307,6 +359,9 @@ def run(
         "assigned_once": assigned_once,
         "half_load_submitted": load["submitted"],
         "half_load_assigned": len(latencies),
+        "half_load_rounds": len(load["round_ms"]),
+        "half_load_round_p50_ms": round(_percentile(load["round_ms"], 0.50), 2),
+        "half_load_round_p99_ms": round(_percentile(load["round_ms"], 0.99), 2),
         "left_queued": Task.objects.filter(status="queued").count(),
         "seed_s": round(timings["seed_s"], 1),
     }

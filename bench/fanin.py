@@ -565,6 +565,8 @@ def main() -> None:
     parser.add_argument("--storm", type=int, default=1000, help="agents dropped and reconnected at once")
     parser.add_argument("--no-baseline", dest="baseline", action="store_false")
     args = parser.parse_args()
+    # Stopped (`timeout`, kill): unwind, so the server, the clients and the throwaway services stop too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with contextlib.ExitStack() as stack:
         server = os.environ.get("DATABASE_URL")
         if not server:

@@ -81,4 +81,3 @@ def test_each_event_loop_has_its_own_coalescer_for_a_key() -> None:
         return same
 
     assert asyncio.run(one()) is not asyncio.run(one())
-

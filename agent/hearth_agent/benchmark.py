@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -443,6 +444,33 @@ def benchmark_run(
         }
         _cache_write(path, result)
     return {**result, "cached": False}
+
+
+async def benchmark_in_child(cache_root: Path, *, force: bool) -> dict[str, Any]:
+    """The running agent's hardware-only measurement, as `hearth-agent benchmark --hardware-only
+    --json` in a child process. Importing and running torch in the agent's own process held its
+    GIL for up to a second and stalled heartbeats and power frames; the child also keeps torch's
+    memory out of the long-lived agent. A cancelled measurement kills the child."""
+    command = [sys.executable, "-m", "hearth_agent", "benchmark", "--hardware-only", "--json"]
+    child = await asyncio.create_subprocess_exec(
+        *command,
+        *(["--force"] if force else []),
+        env={**os.environ, "HEARTH_AGENT_CACHE": str(cache_root)},
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await child.communicate()
+    except asyncio.CancelledError:
+        child.kill()
+        raise
+    if child.returncode != 0:
+        lines = err.decode(errors="replace").strip().splitlines()
+        raise BenchmarkError(lines[-1] if lines else f"the benchmark process exited with {child.returncode}")
+    result: dict[str, Any] = json.loads(out)
+    result.pop("report", None)
+    return result
 
 
 def benchmark_report(result: Mapping[str, Any]) -> BenchmarkReport:

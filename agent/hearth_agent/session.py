@@ -400,7 +400,7 @@ class AgentSession:
         return True
 
     async def _benchmark(self, *, force: bool) -> None:
-        """Hardware only, in a thread (torch releases the GIL): heartbeats and batches go on.
+        """Hardware only, in a child process: heartbeats, power frames and batches go on.
         `force` measures again (the server asked) rather than reporting the cached result."""
         if not force:
             await asyncio.sleep(_FIRST_BENCHMARK_DELAY_S)
@@ -408,9 +408,7 @@ class AgentSession:
         while self.tasks and time.monotonic() < deadline:
             await asyncio.sleep(0.5)
         try:
-            result = await asyncio.to_thread(
-                benchmark.benchmark_run, cache_root=self.cache.root, home=None, force=force, with_minilm=False
-            )
+            result = await benchmark.benchmark_in_child(self.cache.root, force=force)
             report = cheat.report_apply(self.cheats, benchmark.benchmark_report(result))
         except benchmark.BenchmarkError as exc:
             log.warning("the benchmark could not run: %s", exc)

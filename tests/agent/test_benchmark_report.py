@@ -235,10 +235,11 @@ def test_heartbeats_go_on_while_the_agent_benchmarks(benchmarked: AgentRun) -> N
     answer = benchmarked.of(Benchmark, connection=0)[1]
     beats = [benchmarked.at(h) for h in benchmarked.of(Heartbeat, connection=0)]
     during = [t for t in beats if benchmarked.at(request) < t < benchmarked.at(answer)]
-    # The measurement takes ~2 s at 0.2 s a rate; a heartbeat is due every 0.3 s.
+    # The measurement takes ~2 s at 0.2 s a rate (plus importing torch in its child process); a
+    # heartbeat is due every 0.3 s, and none waits for the measurement (+ the power test's slack).
     assert len(during) >= 3
     gaps = [later - earlier for earlier, later in itertools.pairwise(during)]
-    assert max(gaps) < 1.5, gaps
+    assert max(gaps) < 0.3 + 0.4, gaps
 
 
 def test_a_benchmark_request_is_answered_with_a_fresh_measurement_and_a_second_one_meanwhile_is_ignored(

@@ -218,8 +218,9 @@ def sustained(*, limit: int) -> dict[str, Any]:
 def half_load(*, model: Any, buyers: list[Any], rate: float, seconds: float, limit: int) -> dict[str, Any]:
     """Rounds back to back on this thread, as a dispatcher process runs them, while another process
     (the buyers through the API, the hosts through their sockets) submits tasks on a schedule at
-    `rate` per second for `seconds` and finishes what the hosts hold. A task's latency is the end of the round that leased it minus its scheduled submit time
-    (both `time.perf_counter()`, one monotonic clock for every process on the machine)."""
+    `rate` per second for `seconds` and finishes what the hosts hold. A task's latency is the end
+    of the round that leased it minus its scheduled submit time (both `time.perf_counter()`, one
+    monotonic clock for every process on the machine)."""
     from django.db import connections
 
     from marketplace.jobs.models import Job

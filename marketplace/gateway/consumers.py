@@ -62,8 +62,8 @@ def _db(fn: Callable[..., R]) -> Callable[..., Awaitable[R]]:
     return database_sync_to_async(fn, thread_sensitive=False, executor=_db_pool(threads))
 
 
-# Each trip to the one database thread also pays a connection health check, and waits behind every
-# other consumer's trips: a frame's database work goes in one trip.
+# Each trip to a database thread (`_db`) also pays a connection health check, and waits behind the
+# other sockets' trips for a free thread: a frame's database work goes in one trip.
 
 
 def _hello_accept(
@@ -97,8 +97,8 @@ async def _record_heartbeat(*, host_id: Any, channel_name: str, payload: protoco
         await _db(host_services.host_heartbeat)(host_id=host_id, channel_name=channel_name, payload=payload)
         return
     beat = host_services.heartbeat_beat(host_id=host_id, channel_name=channel_name, payload=payload)
-    # A presence-store write, not a query: off the one thread that serializes database work, and
-    # gathered with the other sockets' beats into one write.
+    # A presence-store write, not a query: off the sockets' database threads, and gathered with the
+    # other sockets' beats into one write.
     await coalescer(_record_heartbeat, _heartbeats_write).add(beat)
 
 

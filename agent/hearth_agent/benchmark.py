@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import subprocess
 import sys
 import tempfile
 import threading
@@ -450,18 +451,19 @@ async def benchmark_in_child(cache_root: Path, *, force: bool) -> dict[str, Any]
     """The running agent's hardware-only measurement, as `hearth-agent benchmark --hardware-only
     --json` in a child process. Importing and running torch in the agent's own process held its
     GIL for up to a second and stalled heartbeats and power frames; the child also keeps torch's
-    memory out of the long-lived agent. A cancelled measurement kills the child."""
+    memory out of the long-lived agent. A cancelled measurement kills the child. (Popen and a
+    thread rather than asyncio's subprocess: cancelling `create_subprocess_exec` while it starts
+    the child hangs the event loop's shutdown on Python 3.11.)"""
     command = [sys.executable, "-m", "hearth_agent", "benchmark", "--hardware-only", "--json"]
-    child = await asyncio.create_subprocess_exec(
-        *command,
-        *(["--force"] if force else []),
+    child = subprocess.Popen(
+        [*command, *(["--force"] if force else [])],
         env={**os.environ, "HEARTH_AGENT_CACHE": str(cache_root)},
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     try:
-        out, err = await child.communicate()
+        out, err = await asyncio.to_thread(child.communicate)
     except asyncio.CancelledError:
         child.kill()
         raise

@@ -258,3 +258,38 @@ def test_after_reconnecting_the_hello_carries_the_cached_report_and_nothing_is_m
     hello = benchmarked.connections[1][0]
     assert hello.payload.benchmark == answer.payload
     assert benchmarked.of(Benchmark, connection=1) == []
+
+
+_CANCEL_SCRIPT = """
+import asyncio, sys
+from pathlib import Path
+from hearth_agent.benchmark import benchmark_in_child
+
+async def main(delay):
+    asyncio.ensure_future(benchmark_in_child(Path(sys.argv[1]), force=True))
+    await asyncio.sleep(delay)  # then asyncio.run cancels the measurement, as at the agent's exit
+
+for delay in (0, 0.001, 0.01, 0.1, 0.5):
+    asyncio.run(main(delay))
+"""
+
+
+def test_a_benchmark_cancelled_at_any_moment_kills_its_child_and_lets_the_agent_exit(tmp_path: Path) -> None:
+    cache_root = tmp_path / "cache"
+    # Cancelled while its child starts, too: asyncio's create_subprocess_exec hung the loop's close.
+    done = subprocess.run(
+        [sys.executable, "-c", _CANCEL_SCRIPT, str(cache_root)], timeout=120, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert not _processes_with_env(f"HEARTH_AGENT_CACHE={cache_root}")
+
+
+def _processes_with_env(entry: str) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and entry.encode() in (proc / "environ").read_bytes().split(b"\0"):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found

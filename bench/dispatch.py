@@ -254,6 +254,7 @@ def half_load(*, model: Any, buyers: list[Any], rate: float, seconds: float, lim
             break
         if submitted is not None and not got and time.perf_counter() - start > seconds + 10:
             break  # what is left no host can take
+    ours.send("stop")
     side.join()
     assert submitted is not None
     latencies_ms = sorted(
@@ -265,8 +266,9 @@ def half_load(*, model: Any, buyers: list[Any], rate: float, seconds: float, lim
 
 def _buyers_and_hosts(pipe: Any, job_ids: list[uuid.UUID], start: float, rate: float, seconds: float) -> None:
     """The dispatcher's counterparts, in their own process: submit on schedule (each task stamped with
-    the instant the schedule says it was submitted, however late the insert ran) and let the hosts
-    answer every 50 ms; send the stamps back. (No power frames: none of these jobs is green-only.)"""
+    the instant the schedule says it was submitted, however late the insert ran), send the stamps
+    back, and let the hosts answer every 50 ms until the dispatcher says stop. (No power frames:
+    none of these jobs is green-only.)"""
     from django.db import connections
 
     from marketplace.jobs.models import Job, Task
@@ -292,7 +294,10 @@ def _buyers_and_hosts(pipe: Any, job_ids: list[uuid.UUID], start: float, rate: f
             answered = now
         time.sleep(0.001)
     pipe.send(submitted)
-    hosts_answer()
+    # The hosts go on finishing what they hold until the dispatcher has leased the last task: a
+    # task submitted late may wait for a slot that only an answer frees.
+    while not pipe.poll(0.05):
+        hosts_answer()
     connections.close_all()
 
 

@@ -171,8 +171,9 @@ class WorkerSupervisor:
         self._last_served: _Process | None = None
         self._batch_lock = asyncio.Lock()
         self._ids = itertools.count(1)
-        # Strong references: the event loop only keeps weak ones to tasks.
-        self._background: set[asyncio.Task[None]] = set()
+        # Strong references: the event loop only keeps weak ones to tasks. Pending restarts are
+        # cancelled by stop().
+        self._restarts: set[asyncio.Task[None]] = set()
         self._cgroup_removals: set[asyncio.Task[None]] = set()
 
     # ---- lifecycle --------------------------------------------------------
@@ -440,6 +441,12 @@ class WorkerSupervisor:
             await self._kill(current, why)
 
     async def stop(self) -> None:
+        # A restart still pending would bring a worker up after this stop: cancel it first. If it was
+        # midway through a start, the half-started worker is by then the current one, stopped below.
+        restarts = list(self._restarts)
+        for task in restarts:
+            task.cancel()
+        await asyncio.gather(*restarts, return_exceptions=True)
         current, self._current = self._current, None
         if current is None:
             return
@@ -609,5 +616,5 @@ class WorkerSupervisor:
                 log.error("could not restart the worker: %s", exc)
 
         task = asyncio.create_task(restart())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._restarts.add(task)
+        task.add_done_callback(self._restarts.discard)

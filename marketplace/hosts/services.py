@@ -230,9 +230,26 @@ def _hosts_seen(beats: list[Beat]) -> None:
     """Each beat's host row, if it still names the beat's connection: seen then, offline a window
     later, online. One `UPDATE … FROM (VALUES …)` whose SQL is a string join: the ORM's version, a
     CASE with a WHEN per beat, took the Django compiler ~28% of a 2,000-agent server's time (py-spy),
-    holding the GIL while heartbeat acks waited."""
+    holding the GIL while heartbeat acks waited.
+
+    Where rows lock (PostgreSQL), that statement takes only the rows it can lock at once: waiting
+    for one host row while holding others, it closed deadlock cycles with transactions that lock a
+    job and then a host (a result, a quarantine's requeue); in CI the sweep failed and a socket was
+    closed with 1011. The beats whose rows were busy are then written one row per statement, each
+    waiting while it holds nothing."""
     if not beats:
         return
+    if not connection.features.has_select_for_update_skip_locked:
+        _hosts_seen_write(beats, skip_locked=False)
+        return
+    written = _hosts_seen_write(beats, skip_locked=True)
+    for beat in beats:
+        if beat.host_id not in written:  # busy, or the row names another connection: then a no-op
+            _hosts_seen_write([beat], skip_locked=False)
+
+
+def _hosts_seen_write(beats: list[Beat], *, skip_locked: bool) -> set[uuid.UUID]:
+    """The statement of `_hosts_seen`; the hosts it wrote when `skip_locked` (else an empty set)."""
     table = sql_table(Host)
 
     def column(name: str) -> str:
@@ -250,15 +267,24 @@ def _hosts_seen(beats: list[Beat]) -> None:
             stamp.get_db_prep_value(_offline_after(beat.at), connection),
         ]
     params.append(Host.Status.ONLINE.value)
+    host_id = f"{table}.{column('id')}"
+    free = (
+        f", free AS (SELECT {column('id')} FROM {table} WHERE {column('id')} IN (SELECT host_id FROM beat) "
+        f"FOR UPDATE SKIP LOCKED)"
+        if skip_locked
+        else ""
+    )
     sql = (
-        f"WITH beat (host_id, channel_name, seen, until) AS (VALUES {', '.join([row] * len(beats))}) "
+        f"WITH beat (host_id, channel_name, seen, until) AS (VALUES {', '.join([row] * len(beats))}){free} "
         f"UPDATE {table} SET {column('last_seen_at')} = beat.seen, {column('offline_after')} = beat.until, "
         f"{column('status')} = %s "
-        f"FROM beat WHERE {table}.{column('id')} = beat.host_id "
+        f"FROM beat WHERE {host_id} = beat.host_id "
         f"AND {table}.{column('channel_name')} = beat.channel_name"
+        + (f" AND {host_id} IN (SELECT {column('id')} FROM free) RETURNING {host_id}" if skip_locked else "")
     )
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
+        return {key.to_python(found) for (found,) in cursor.fetchall()} if skip_locked else set()
 
 
 @transaction.atomic

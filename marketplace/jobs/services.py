@@ -16,7 +16,7 @@ from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import Case, DateTimeField, F, Q, Value, When
 from django.db.models.functions import Least
 from django.utils import timezone
@@ -435,12 +435,18 @@ def leases_renew_many(*, held: dict[tuple[uuid.UUID, datetime], list[str]]) -> i
         until.append(When(this, then=Value(at + timedelta(seconds=settings.HEARTH_LEASE_SECONDS))))
     if not until:
         return 0
-    return Task.objects.filter(match, status=TaskStatus.LEASED).update(
-        lease_expires_at=Least(
-            Case(*until, output_field=DateTimeField()),
-            F("assigned_at") + timedelta(seconds=settings.HEARTH_TASK_MAX_RUNTIME_S),
+    leases = Task.objects.filter(match, status=TaskStatus.LEASED)
+    with transaction.atomic():
+        if connection.features.has_select_for_update_skip_locked:
+            # Rows another transaction holds (a result or a requeue is changing the task, so the
+            # lease needs no renewal) are passed over, not waited for while others are held.
+            leases = Task.objects.filter(pk__in=leases.select_for_update(skip_locked=True).values("pk"))
+        return leases.update(
+            lease_expires_at=Least(
+                Case(*until, output_field=DateTimeField()),
+                F("assigned_at") + timedelta(seconds=settings.HEARTH_TASK_MAX_RUNTIME_S),
+            )
         )
-    )
 
 
 def _uuid_or_none(raw: str) -> uuid.UUID | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -22,7 +23,7 @@ from marketplace.gateway import notify
 from marketplace.hosts.models import EnrollmentToken, Host
 from marketplace.hosts.presence import Beat, presence_store
 from marketplace.matching.regions import check_region
-from marketplace.trust.services import host_benchmark_record, score_update, session_end, session_start
+from marketplace.trust.services import host_benchmark_record, scores_update, session_start, sessions_end
 
 ENROLLMENT_KIND = "he"
 HOST_TOKEN_KIND = "ht"
@@ -287,19 +288,60 @@ def _hosts_seen_write(beats: list[Beat], *, skip_locked: bool) -> set[uuid.UUID]
         return {key.to_python(found) for (found,) in cursor.fetchall()} if skip_locked else set()
 
 
-@transaction.atomic
+@dataclass(frozen=True)
+class SessionGone:
+    """A connection that ended: the host, the connection's channel, and why."""
+
+    host_id: uuid.UUID
+    channel_name: str
+    reason: str
+
+
 def host_disconnect(*, host_id: uuid.UUID, channel_name: str, reason: str) -> bool:
     """Mark the host offline and requeue its leases, unless a newer connection took over."""
-    from marketplace.jobs.services import tasks_requeue_for_host
+    return bool(hosts_disconnect(sessions=[SessionGone(host_id, channel_name, reason)]))
 
-    gone = Host.objects.filter(pk=host_id, channel_name=channel_name).update(
-        status=Host.Status.OFFLINE, ready=False, channel_name=""
+
+def hosts_disconnect(*, sessions: Sequence[SessionGone]) -> list[uuid.UUID]:
+    """`host_disconnect` of many connections, a few statements per batch of them (plus one per lease
+    to requeue): a reconnect storm ends hundreds of sessions a second. Returns the hosts marked
+    offline; a session that a newer connection of its host replaced changes nothing."""
+    gone: list[uuid.UUID] = []
+    for start in range(0, len(sessions), _DISCONNECT_BATCH):
+        gone += _hosts_disconnect_batch(sessions[start : start + _DISCONNECT_BATCH])
+    return gone
+
+
+# Hosts per transaction: bounds the statements' parameters (SQLite allows 32,766) and the locks held.
+_DISCONNECT_BATCH = 500
+
+
+@transaction.atomic
+def _hosts_disconnect_batch(sessions: Sequence[SessionGone]) -> list[uuid.UUID]:
+    from marketplace.jobs.services import tasks_requeue_for_hosts
+
+    ended = {(gone.host_id, gone.channel_name): gone.reason for gone in sessions}
+    if not ended:
+        return []
+    # Locked in one order, so two batches cannot deadlock each other.
+    current = Host.objects.select_for_update().filter(pk__in={host_id for host_id, _ in ended}).order_by("pk")
+    reasons = {
+        host_id: ended[(host_id, channel_name)]
+        for host_id, channel_name in current.values_list("pk", "channel_name")
+        if (host_id, channel_name) in ended
+    }
+    if not reasons:
+        return []
+    Host.objects.filter(pk__in=reasons).update(status=Host.Status.OFFLINE, ready=False, channel_name="")
+    tasks_requeue_for_hosts(reasons=reasons)
+    now = timezone.now()
+    sessions_end(
+        ended=[(host_id, channel_name) for host_id, channel_name in ended if host_id in reasons], now=now
     )
-    if gone:
-        tasks_requeue_for_host(host_id=host_id, reason=reason)
-        session_end(host_id=host_id, channel_name=channel_name, now=timezone.now())
-        score_update(host_id=host_id, reason=f"went offline: {reason}")
-    return bool(gone)
+    scores_update(
+        reasons={host_id: f"went offline: {reason}" for host_id, reason in reasons.items()}, now=now
+    )
+    return list(reasons)
 
 
 def hosts_sweep_offline(*, now: datetime | None = None) -> int:
@@ -310,13 +352,17 @@ def hosts_sweep_offline(*, now: datetime | None = None) -> int:
             "pk", "channel_name"
         )
     )
-    swept = 0
+    gone = set(
+        hosts_disconnect(
+            sessions=[
+                SessionGone(host_id, channel_name, "heartbeats stopped") for host_id, channel_name in stale
+            ]
+        )
+    )
     for host_id, channel_name in stale:
-        if host_disconnect(host_id=host_id, channel_name=channel_name, reason="heartbeats stopped"):
-            swept += 1
-            if channel_name:
-                notify.close(channel_name, protocol.CloseCode.GOING_AWAY)
-    return swept
+        if host_id in gone and channel_name:
+            notify.close(channel_name, protocol.CloseCode.GOING_AWAY)
+    return len(gone)
 
 
 # ---- owner policy and drain --------------------------------------------------

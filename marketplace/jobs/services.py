@@ -352,12 +352,18 @@ def _task_requeue(*, task: Task, reason: str, refund_attempt: bool = False) -> b
     )
 
 
-def _release_all(tasks: list[Task], *, reason: str, now: datetime) -> int:
+def _release_all(tasks: list[Task], *, reason: str | dict[uuid.UUID, str], now: datetime) -> int:
+    """Release each task, locking the jobs in the order given; `reason` may differ by leaseholder."""
     released = 0
     for task in tasks:
+        if isinstance(reason, str):
+            why = reason
+        else:
+            assert task.leased_to_id is not None  # a lease
+            why = reason[task.leased_to_id]
         with transaction.atomic():
             Job.objects.select_for_update().filter(pk=task.job_id).first()
-            if _task_release(task=task, reason=reason, now=now):
+            if _task_release(task=task, reason=why, now=now):
                 released += 1
     if released:
         notify.on_commit_poke_dispatchable()
@@ -366,12 +372,17 @@ def _release_all(tasks: list[Task], *, reason: str, now: datetime) -> int:
 
 def tasks_requeue_for_host(*, host_id: uuid.UUID, reason: str) -> int:
     """Requeue every lease a host holds (it went away or lost its token)."""
+    return tasks_requeue_for_hosts(reasons={host_id: reason})
+
+
+def tasks_requeue_for_hosts(*, reasons: dict[uuid.UUID, str]) -> int:
+    """`tasks_requeue_for_host` of many hosts, each with its reason, from one read of their leases."""
     # Ordered by the job's id, not the model's ("job": a join to order by the job's creation): any
     # fixed order keeps the job locks below taken in one order.
     tasks = list(
-        Task.objects.filter(status=TaskStatus.LEASED, leased_to_id=host_id).order_by("job_id", "index")
+        Task.objects.filter(status=TaskStatus.LEASED, leased_to_id__in=reasons).order_by("job_id", "index")
     )
-    return _release_all(tasks, reason=reason, now=timezone.now())
+    return _release_all(tasks, reason=reasons, now=timezone.now())
 
 
 def leases_requeue_expired(*, now: datetime | None = None) -> int:

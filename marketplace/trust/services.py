@@ -8,13 +8,14 @@ from __future__ import annotations
 import logging
 import secrets
 import uuid
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
 from django.core.mail import mail_admins
 from django.db import transaction
-from django.db.models import F, Q
+from django.db.models import Case, Count, F, FloatField, Q, Value, When
 from django.utils import timezone
 
 from hearth_agent import protocol
@@ -43,25 +44,36 @@ def session_start(*, host_id: uuid.UUID, channel_name: str, now: datetime) -> No
     HostSession.objects.create(host_id=host_id, channel_name=channel_name, started_at=now)
 
 
-def session_end(*, host_id: uuid.UUID, channel_name: str, now: datetime) -> None:
-    HostSession.objects.filter(host_id=host_id, channel_name=channel_name, ended_at__isnull=True).update(
-        ended_at=now
-    )
+def sessions_end(*, ended: Sequence[tuple[uuid.UUID, str]], now: datetime | None = None) -> None:
+    """Close the open sessions of these (host, channel) connections."""
+    if ended:
+        # A channel names one connection of one host, so matching the two lists apart matches pairs.
+        HostSession.objects.filter(
+            host_id__in={host_id for host_id, _ in ended},
+            channel_name__in={channel_name for _, channel_name in ended},
+            ended_at__isnull=True,
+        ).update(ended_at=now or timezone.now())
 
 
 def uptime(*, host: Host, window: timedelta, now: datetime) -> float:
     """Share of the window (or of the host's life, when shorter) it had a session open."""
-    start = max(now - window, host.created_at)
-    span = (now - start).total_seconds()
-    if span <= 0:
-        return 0.0
-    covered = 0.0
-    sessions = HostSession.objects.filter(host=host, started_at__lt=now).filter(
-        Q(ended_at__isnull=True) | Q(ended_at__gt=start)
-    )
-    for began, ended in sessions.values_list("started_at", "ended_at"):
-        covered += max(0.0, ((ended or now) - max(began, start)).total_seconds())
-    return min(1.0, covered / span)
+    return uptimes(hosts=[host], window=window, now=now)[host.pk]
+
+
+def uptimes(*, hosts: Sequence[Host], window: timedelta, now: datetime) -> dict[uuid.UUID, float]:
+    """`uptime` of many hosts from one read of their sessions."""
+    starts = {host.pk: max(now - window, host.created_at) for host in hosts}
+    covered = dict.fromkeys(starts, 0.0)
+    if starts:
+        sessions = HostSession.objects.filter(host_id__in=starts, started_at__lt=now).filter(
+            Q(ended_at__isnull=True) | Q(ended_at__gt=min(starts.values()))
+        )
+        for host_id, began, ended in sessions.values_list("host_id", "started_at", "ended_at"):
+            covered[host_id] += max(0.0, ((ended or now) - max(began, starts[host_id])).total_seconds())
+    return {
+        host_id: min(1.0, covered[host_id] / span) if (span := (now - start).total_seconds()) > 0 else 0.0
+        for host_id, start in starts.items()
+    }
 
 
 # ---- the score ------------------------------------------------------------------
@@ -72,15 +84,30 @@ def strikes_recent(*, host_id: uuid.UUID, now: datetime) -> int:
 
 
 def host_facts(*, host: Host, now: datetime) -> TrustFacts:
-    return TrustFacts(
+    return _facts(
+        host,
         uptime_7d=uptime(host=host, window=timedelta(days=7), now=now),
+        strikes_30d=strikes_recent(host_id=host.pk, now=now),
+    )
+
+
+def _facts(host: Host, *, uptime_7d: float, strikes_30d: int) -> TrustFacts:
+    return TrustFacts(
+        uptime_7d=uptime_7d,
         tasks_completed=host.tasks_completed,
         tasks_failed=host.tasks_failed,
         leases_expired=host.leases_expired,
         checks_passed=host.checks_passed + host.canaries_passed,
         checks_failed=host.checks_failed + host.canaries_failed,
-        strikes_30d=strikes_recent(host_id=host.pk, now=now),
+        strikes_30d=strikes_30d,
     )
+
+
+# What a score reads of the host row.
+_SCORE_FIELDS = (
+    "id", "created_at", "reliability", "tasks_completed", "tasks_failed", "leases_expired",
+    "checks_passed", "canaries_passed", "checks_failed", "canaries_failed",
+)  # fmt: skip
 
 
 def score_update(
@@ -88,22 +115,52 @@ def score_update(
 ) -> float:
     """Recompute the score; a change (or, with `always`, a milestone such as verification or
     quarantine) is recorded with `reason` and the parts that produced it."""
+    return scores_update(reasons={host_id: reason}, now=now, always=always)[host_id]
+
+
+def scores_update(
+    *, reasons: dict[uuid.UUID, str], now: datetime | None = None, always: bool = False
+) -> dict[uuid.UUID, float]:
+    """`score_update` of many hosts, each with its reason, in a fixed number of statements (the
+    hosts that a reconnect storm or a sweep takes offline at once)."""
     now = now or timezone.now()
-    host = Host.objects.get(pk=host_id)
-    facts = host_facts(host=host, now=now)
-    parts = reliability_score(facts)
-    if always or abs(parts.score - host.reliability) >= 0.0001:
-        explained = (
-            f"{reason} — uptime 7 d {parts.uptime:.0%}, completion {facts.tasks_completed}/"
-            f"{facts.tasks_completed + facts.tasks_failed + facts.leases_expired}, verification "
-            f"{facts.checks_passed}/{facts.checks_passed + facts.checks_failed} passed, "
-            f"{facts.strikes_30d} strike(s) in 30 days"
+    hosts = list(Host.objects.filter(pk__in=reasons).only(*_SCORE_FIELDS))
+    uptime_7d = uptimes(hosts=hosts, window=timedelta(days=7), now=now)
+    strikes = dict(
+        Strike.objects.filter(host_id__in=reasons, created_at__gte=now - STRIKE_WINDOW)
+        .order_by()
+        .values("host_id")
+        .annotate(n=Count("id"))
+        .values_list("host_id", "n")
+    )
+    scores: dict[uuid.UUID, float] = {}
+    events: list[ReliabilityEvent] = []
+    for host in hosts:
+        facts = _facts(host, uptime_7d=uptime_7d[host.pk], strikes_30d=strikes.get(host.pk, 0))
+        parts = reliability_score(facts)
+        scores[host.pk] = parts.score
+        if always or abs(parts.score - host.reliability) >= 0.0001:
+            explained = (
+                f"{reasons[host.pk]} — uptime 7 d {parts.uptime:.0%}, completion {facts.tasks_completed}/"
+                f"{facts.tasks_completed + facts.tasks_failed + facts.leases_expired}, verification "
+                f"{facts.checks_passed}/{facts.checks_passed + facts.checks_failed} passed, "
+                f"{facts.strikes_30d} strike(s) in 30 days"
+            )
+            events.append(
+                ReliabilityEvent(
+                    host=host, score_before=host.reliability, score_after=parts.score, reason=explained
+                )
+            )
+    if events:
+        ReliabilityEvent.objects.bulk_create(events)
+        changed = {event.host_id: event.score_after for event in events}
+        Host.objects.filter(pk__in=changed).update(
+            reliability=Case(
+                *(When(pk=host_id, then=Value(score)) for host_id, score in changed.items()),
+                output_field=FloatField(),
+            )
         )
-        ReliabilityEvent.objects.create(
-            host=host, score_before=host.reliability, score_after=parts.score, reason=explained
-        )
-        Host.objects.filter(pk=host_id).update(reliability=parts.score)
-    return parts.score
+    return scores
 
 
 def host_trusted(*, host: Host, now: datetime) -> bool:

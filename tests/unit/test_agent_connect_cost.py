@@ -12,8 +12,9 @@ from django.utils import timezone
 from hearth_agent import protocol
 from marketplace.gateway.consumers import _hello_accept, _ready_and_claim
 from marketplace.hosts.models import Host
+from marketplace.hosts.services import SessionGone, hosts_disconnect
 from marketplace.trust.models import HostSession
-from tests.factories import host_with_token
+from tests.factories import HostFactory, host_with_token
 from tests.frames import hello_payload
 
 pytestmark = pytest.mark.django_db
@@ -73,3 +74,18 @@ def test_a_ready_frame_marks_the_host_ready_and_claims_in_one_trip_of_few_statem
     assert len(_statements(captured)) <= 5, _statements(captured)
     host.refresh_from_db()
     assert host.ready
+
+
+def test_many_sessions_ending_at_once_cost_the_statements_of_one() -> None:
+    hosts = [HostFactory.create() for _ in range(21)]
+    for host in hosts:
+        HostSession.objects.create(host=host, channel_name=host.channel_name, started_at=timezone.now())
+    ends = [SessionGone(host.pk, host.channel_name, "agent disconnected (code 1006)") for host in hosts]
+    with CaptureQueriesContext(connection) as one:
+        hosts_disconnect(sessions=ends[:1])
+    with CaptureQueriesContext(connection) as twenty:
+        hosts_disconnect(sessions=ends[1:])
+    # The rows locked, marked offline; leases to requeue (none); sessions closed; the scores.
+    assert len(_statements(twenty)) == len(_statements(one)) <= 9, _statements(twenty)
+    assert not Host.objects.filter(status=Host.Status.ONLINE).exists()
+    assert not HostSession.objects.filter(ended_at__isnull=True).exists()

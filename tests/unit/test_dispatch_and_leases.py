@@ -13,7 +13,8 @@ from django.test import override_settings
 from django.utils import timezone
 
 from hearth_agent import protocol
-from marketplace.hosts.services import host_disconnect
+from marketplace.hosts.models import Host
+from marketplace.hosts.services import SessionGone, host_disconnect, hosts_disconnect
 from marketplace.jobs.models import Job, Task
 from marketplace.jobs.services import (
     check_job_spec,
@@ -187,6 +188,29 @@ def test_a_disconnect_of_a_replaced_connection_changes_nothing(buyer: Any, catal
     _claim(host)
     assert not host_disconnect(host_id=host.pk, channel_name="an.old.channel", reason="old socket closed")
     assert Task.objects.filter(status="leased").count() == 2
+
+
+def test_sessions_ending_together_requeue_each_hosts_leases_with_its_own_reason_and_spare_a_replaced_one(
+    buyer: Any, catalog: Any
+) -> None:
+    _job(buyer, n=12, task_size=2)
+    hosts = [HostFactory.create() for _ in range(3)]
+    held = {host.pk: {a.task_id for a in _claim(host)} for host in hosts}
+    first, second, replaced = hosts
+    gone = hosts_disconnect(
+        sessions=[
+            SessionGone(first.pk, first.channel_name, "agent disconnected (code 1006)"),
+            SessionGone(second.pk, second.channel_name, "heartbeats stopped"),
+            SessionGone(replaced.pk, "an.old.channel", "old socket closed"),
+        ]
+    )
+    assert set(gone) == {first.pk, second.pk}
+    for host, reason in ((first, "agent disconnected (code 1006)"), (second, "heartbeats stopped")):
+        tasks = Task.objects.filter(pk__in=held[host.pk])
+        assert {(t.status, t.leased_to_id, t.last_error) for t in tasks} == {("queued", None, reason)}
+        assert Host.objects.get(pk=host.pk).status == Host.Status.OFFLINE
+    assert set(Task.objects.filter(leased_to=replaced).values_list("pk", flat=True)) == held[replaced.pk]
+    assert Host.objects.get(pk=replaced.pk).status == Host.Status.ONLINE
 
 
 @override_settings(HEARTH_MAX_ATTEMPTS=2)

@@ -106,16 +106,18 @@ class BenchmarkReport(_Strict):
 
 
 class HelloPayload(_Strict):
-    agent_version: str
+    # Bounded as the server stores them (a value past a column's size was a database error on
+    # PostgreSQL, and the socket closed as a server fault the agent retried forever).
+    agent_version: str = Field(max_length=40)
     protocol_version: int
     hostname: str
     os: str
     cpu_model: str
     cpu_count: int = Field(ge=1)
-    memory_mb: int = Field(ge=0)
+    memory_mb: int = Field(ge=0, le=2**31 - 1)
     gpus: list[GpuInfo] = []
     torch_version: str | None = None
-    device: str = Field(description="'cuda' or 'cpu': where the worker runs")
+    device: str = Field(max_length=16, description="'cuda' or 'cpu': where the worker runs")
     cached_models: list[str] = Field(default=[], description="sha256 of cached weights")
     slots: int = Field(ge=1, le=64)
     isolation: list[str] = Field(default=[], description="sandbox layers the worker actually got")

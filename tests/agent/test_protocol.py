@@ -94,6 +94,20 @@ def test_it_refuses_unknown_fields_in_a_frame() -> None:
         parse_frame(json.dumps(data))
 
 
+@pytest.mark.parametrize(
+    ("field", "value"), [("agent_version", "v" * 41), ("device", "d" * 17), ("memory_mb", 2**31)]
+)
+def test_a_hello_with_a_value_past_what_the_server_stores_is_malformed_and_names_the_field(
+    field: str, value: object
+) -> None:
+    data = json.loads(dump_frame(_hello()))
+    data["payload"][field] = value
+    with pytest.raises(ProtocolError) as caught:
+        parse_frame(json.dumps(data))
+    assert caught.value.code == CloseCode.MALFORMED_FRAME
+    assert f"payload.{field}" in str(caught.value)
+
+
 def test_only_auth_and_version_close_codes_stop_the_agent() -> None:
     fatal = {code for code in CloseCode if not code.retryable}
     assert fatal == {

@@ -25,6 +25,7 @@ from django.utils import timezone
 
 from hearth_agent import protocol
 from hearth_agent.policy import EnergyPolicy
+from marketplace.config.deadlocks import retrying_deadlocks
 from marketplace.gateway.coalesce import coalescer
 from marketplace.hosts import services as host_services
 from marketplace.hosts.models import Host
@@ -55,11 +56,14 @@ def _db(fn: Callable[..., R]) -> Callable[..., Awaitable[R]]:
     """`database_sync_to_async` on the sockets' database threads: Channels' one shared thread when
     HEARTH_GATEWAY_DB_THREADS is 1 (SQLite), else a pool of that many, each thread with its own
     connection. A socket's frames still run in order (`AgentConsumer._later`); two sockets' work
-    may overlap, which the services allow for (row locks, updates conditional on the channel)."""
+    may overlap, which the services allow for (row locks, updates conditional on the channel). A
+    call whose transaction PostgreSQL aborts to break a deadlock runs again (`retrying_deadlocks`):
+    each of these services is one transaction, or idempotent."""
     threads = settings.HEARTH_GATEWAY_DB_THREADS
+    work = retrying_deadlocks(fn)
     if threads == 1:
-        return database_sync_to_async(fn)
-    return database_sync_to_async(fn, thread_sensitive=False, executor=_db_pool(threads))
+        return database_sync_to_async(work)
+    return database_sync_to_async(work, thread_sensitive=False, executor=_db_pool(threads))
 
 
 # Each trip to a database thread (`_db`) also pays a connection health check, and waits behind the

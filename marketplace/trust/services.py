@@ -281,6 +281,7 @@ def run_judged(*, task: Task, passed: bool, reason: str, strike_kind: str = Stri
 # ---- benchmarks -----------------------------------------------------------------------------
 
 
+@transaction.atomic
 def host_benchmark_record(*, host_id: uuid.UUID, report: protocol.BenchmarkReport) -> bool:
     """Store the measured numbers and check them against the claimed device; a claim that does not
     hold is a strike (once per distinct report) and keeps the host unverified."""

@@ -10,56 +10,58 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 
-class Coalescer(Generic[T]):
-    """`await add(item)` returns once a write holding `item` has finished (or raises what it raised).
+class Coalescer(Generic[T, R]):
+    """`await add(item)` returns once a write holding `item` has finished (or raises what it raised):
+    what the write returned for `item`, when it returns one result per item, in order, else None.
 
     One per event loop: the futures it hands out belong to the loop that made them.
     """
 
-    def __init__(self, write: Callable[[list[T]], Awaitable[None]]) -> None:
+    def __init__(self, write: Callable[[list[T]], Awaitable[Sequence[R] | None]]) -> None:
         self._write = write
-        self._pending: list[tuple[T, asyncio.Future[None]]] = []
+        self._pending: list[tuple[T, asyncio.Future[R | None]]] = []
         self._writing = False
         self._drainer: asyncio.Future[None] | None = None
 
-    async def add(self, item: T) -> None:
-        done = asyncio.get_running_loop().create_future()
+    async def add(self, item: T) -> R | None:
+        done: asyncio.Future[R | None] = asyncio.get_running_loop().create_future()
         self._pending.append((item, done))
         if not self._writing:
             self._writing = True
             self._drainer = asyncio.ensure_future(self._drain())
-        await done
+        return await done
 
     async def _drain(self) -> None:
         try:
             while self._pending:
                 batch, self._pending = self._pending, []
                 try:
-                    await self._write([item for item, _ in batch])
+                    results = await self._write([item for item, _ in batch])
                 except Exception as exc:  # every waiter of the batch learns it failed
                     for _, done in batch:
                         if not done.done():
                             done.set_exception(exc)
                 else:
-                    for _, done in batch:
+                    for i, (_, done) in enumerate(batch):
                         if not done.done():
-                            done.set_result(None)
+                            done.set_result(None if results is None else results[i])
         finally:
             self._writing = False
 
 
-_per_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[object, Coalescer[Any]]] = (
+_per_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[object, Coalescer[Any, Any]]] = (
     weakref.WeakKeyDictionary()
 )
 
 
-def coalescer(key: object, write: Callable[[list[T]], Awaitable[None]]) -> Coalescer[T]:
+def coalescer(key: object, write: Callable[[list[T]], Awaitable[Sequence[R] | None]]) -> Coalescer[T, R]:
     """The running loop's coalescer for `key`, made with `write` the first time it is asked for."""
     made = _per_loop.setdefault(asyncio.get_running_loop(), {})
     if key not in made:

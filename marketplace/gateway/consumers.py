@@ -70,15 +70,40 @@ def _db(fn: Callable[..., R]) -> Callable[..., Awaitable[R]]:
 # other sockets' trips for a free thread: a frame's database work goes in one trip.
 
 
+def _hellos_accept(openings: list[host_services.SessionOpening]) -> list[tuple[Any, EnergyPolicy] | None]:
+    """Check the tokens and record the sessions: for each opening, (host id, policy for the `config`
+    frame), or None when the token is unknown or revoked. The policy comes from the row the session
+    locked."""
+    return [
+        None if host is None else (host.pk, host_services.host_policy(host=host))
+        for host in host_services.hosts_connect_with_tokens(openings=openings)
+    ]
+
+
 def _hello_accept(
     *, host_token: str, channel_name: str, hello: protocol.HelloPayload
 ) -> tuple[Any, EnergyPolicy] | None:
-    """Check the token and record the session: (host id, policy for the `config` frame), or None
-    when the token is unknown or revoked. The policy comes from the row the session locked."""
-    host = host_services.host_connect_with_token(
-        host_token=host_token, channel_name=channel_name, hello=hello
-    )
-    return None if host is None else (host.pk, host_services.host_policy(host=host))
+    return _hellos_accept([host_services.SessionOpening(host_token, channel_name, hello)])[0]
+
+
+async def _hellos_write(
+    openings: list[host_services.SessionOpening],
+) -> list[tuple[Any, EnergyPolicy] | Exception | None]:
+    """Many sockets' hellos in one transaction. Should that fail, each is tried again on its own, so
+    only the hello that cannot be recorded closes its socket."""
+    try:
+        return list(await _db(_hellos_accept)(openings))
+    except Exception:
+        if len(openings) == 1:
+            raise
+        logger.warning("%d hellos failed together; recording each on its own", len(openings), exc_info=True)
+    answers: list[tuple[Any, EnergyPolicy] | Exception | None] = []
+    for opening in openings:
+        try:
+            answers += await _db(_hellos_accept)([opening])
+        except Exception as exc:
+            answers.append(exc)
+    return answers
 
 
 def _ready_and_claim(*, host_id: Any, channel_name: str, payload: protocol.ReadyPayload) -> list[Assignment]:
@@ -325,9 +350,13 @@ class AgentConsumer(AsyncWebsocketConsumer):
             await self.close(code=protocol.CloseCode.UNSUPPORTED_VERSION)
             return
         assert self.host_token is not None
-        accepted = await _db(_hello_accept)(
-            host_token=self.host_token, channel_name=self.channel_name, hello=hello
+        # Gathered with the other sockets' hellos into one transaction: a reconnect storm opens
+        # hundreds of sessions a second.
+        accepted = await coalescer(_hellos_write, _hellos_write).add(
+            host_services.SessionOpening(self.host_token, self.channel_name, hello)
         )
+        if isinstance(accepted, Exception):
+            raise accepted
         if accepted is None:
             self.refused = True
             await self.close(code=protocol.CloseCode.AUTH_FAILED)

@@ -23,7 +23,7 @@ from marketplace.gateway import notify
 from marketplace.hosts.models import EnrollmentToken, Host
 from marketplace.hosts.presence import Beat, presence_store
 from marketplace.matching.regions import check_region
-from marketplace.trust.services import host_benchmark_record, scores_update, session_start, sessions_end
+from marketplace.trust.services import host_benchmark_record, scores_update, sessions_end, sessions_start
 
 ENROLLMENT_KIND = "he"
 HOST_TOKEN_KIND = "ht"
@@ -108,59 +108,114 @@ def host_connect(*, host_id: uuid.UUID, channel_name: str, hello: protocol.Hello
     A new session holds no leases (agents drop theirs with the old socket), so
     whatever the host still held is requeued now rather than at lease expiry.
     """
-    return _session_open(Host.objects.select_for_update().get(pk=host_id), channel_name, hello)
+    host = Host.objects.select_for_update().get(pk=host_id)
+    _sessions_open([(host, channel_name, hello)])
+    return host
 
 
-@transaction.atomic
+@dataclass(frozen=True)
+class SessionOpening:
+    """A connection's `hello`, with the token it presented and its channel."""
+
+    host_token: str
+    channel_name: str
+    hello: protocol.HelloPayload
+
+
 def host_connect_with_token(
     *, host_token: str, channel_name: str, hello: protocol.HelloPayload
 ) -> Host | None:
     """`host_authenticate` and `host_connect` in one read of the row, under its lock (a token
     revoked meanwhile cannot open a session); None when the token is unknown or revoked."""
-    # Sliced, not `.first()`: the digest is unique, and `.first()` adds an ORDER BY that the ORM
-    # compiled on every connect (8% of the server's GIL time in py-spy, bench.fanin at 2,000 agents).
-    found = list(
-        Host.objects.select_for_update().filter(
-            token_digest=secret_digest(host_token), revoked_at__isnull=True
-        )[:1]
-    )
-    return _session_open(found[0], channel_name, hello) if found else None
+    return hosts_connect_with_tokens(openings=[SessionOpening(host_token, channel_name, hello)])[0]
 
 
-def _session_open(host: Host, channel_name: str, hello: protocol.HelloPayload) -> Host:
-    """Precondition: the caller's transaction holds `host`'s row lock."""
-    from marketplace.jobs.services import tasks_requeue_for_host
-
-    host_id = host.pk
-    if host.channel_name and host.channel_name != channel_name:
-        notify.on_commit_close(host.channel_name, protocol.CloseCode.REPLACED)
-    tasks_requeue_for_host(host_id=host_id, reason="agent started a new session")
-    now = timezone.now()
-    session = {
-        "channel_name": channel_name,
-        "status": Host.Status.ONLINE,
-        "ready": False,
-        "draining": False,
-        "draining_reason": "",
-        "connected_at": now,
-        "last_seen_at": now,
-        "offline_after": _offline_after(now),
-        "agent_version": hello.agent_version,
-        "slots": hello.slots,
-        "device": hello.device,
-        "memory_mb": hello.memory_mb,
-        "isolation": list(hello.isolation),
-        "capabilities": hello.model_dump(mode="json", exclude={"slots", "isolation", "benchmark"}),
+@transaction.atomic
+def hosts_connect_with_tokens(*, openings: Sequence[SessionOpening]) -> list[Host | None]:
+    """`host_connect_with_token` of many connections, each statement once for all of them: a
+    reconnect storm opens hundreds of sessions a second. One result per opening, in order. A host
+    named twice keeps its later connection and the earlier is closed as replaced, as if they had
+    come one after the other."""
+    digests = [secret_digest(opening.host_token) for opening in openings]
+    # Locked in one order, so two batches cannot deadlock each other.
+    found = {
+        host.token_digest: host
+        for host in Host.objects.select_for_update()
+        .filter(token_digest__in=set(digests), revoked_at__isnull=True)
+        .order_by("pk")
     }
-    for name, value in session.items():
-        setattr(host, name, value)
-    # The session's columns only, not all of the row's fifty-odd.
-    host.save(update_fields=list(session))
-    session_start(host_id=host_id, channel_name=channel_name, now=now)
-    if hello.benchmark is not None:
-        host_benchmark_record(host_id=host_id, report=hello.benchmark)
-        host.refresh_from_db()
-    return host
+    _sessions_open(
+        [
+            (found[digest], opening.channel_name, opening.hello)
+            for digest, opening in zip(digests, openings, strict=True)
+            if digest in found
+        ]
+    )
+    return [found.get(digest) for digest in digests]
+
+
+# What a session writes on the host row, with each column's type for PostgreSQL's VALUES list.
+_SESSION_COLUMNS = {
+    "channel_name": "", "status": "", "ready": "boolean", "draining": "boolean", "draining_reason": "",
+    "connected_at": "timestamptz", "last_seen_at": "timestamptz", "offline_after": "timestamptz",
+    "agent_version": "", "slots": "integer", "device": "", "memory_mb": "integer",
+    "isolation": "jsonb", "capabilities": "jsonb",
+}  # fmt: skip
+
+
+def _sessions_open(opened: list[tuple[Host, str, protocol.HelloPayload]]) -> None:
+    """Precondition: the caller's transaction holds the hosts' row locks."""
+    from marketplace.jobs.services import tasks_requeue_for_hosts
+
+    if not opened:
+        return
+    now = timezone.now()
+    for host, channel_name, hello in opened:
+        if host.channel_name and host.channel_name != channel_name:
+            notify.on_commit_close(host.channel_name, protocol.CloseCode.REPLACED)
+        host.channel_name = channel_name
+        host.status = Host.Status.ONLINE
+        host.ready = host.draining = False
+        host.draining_reason = ""
+        host.connected_at = host.last_seen_at = now
+        host.offline_after = _offline_after(now)
+        host.agent_version = hello.agent_version
+        host.slots = hello.slots
+        host.device = hello.device
+        host.memory_mb = hello.memory_mb
+        host.isolation = list(hello.isolation)
+        host.capabilities = hello.model_dump(mode="json", exclude={"slots", "isolation", "benchmark"})
+    hosts = list({host.pk: host for host, _, _ in opened}.values())
+    tasks_requeue_for_hosts(reasons=dict.fromkeys((host.pk for host in hosts), "agent started a new session"))
+    _sessions_write(hosts)
+    sessions_start(started=[(host.pk, host.channel_name) for host in hosts], now=now)
+    for host, channel_name, hello in opened:
+        if hello.benchmark is not None and host.channel_name == channel_name:
+            host_benchmark_record(host_id=host.pk, report=hello.benchmark)
+            host.refresh_from_db()
+
+
+def _sessions_write(hosts: list[Host]) -> None:
+    """The session's columns of each host row (not all of the row's fifty-odd), in one
+    `UPDATE … FROM (VALUES …)`: the ORM's `bulk_update`, a CASE with a WHEN per host and column,
+    costs more to compile than the write."""
+    table = sql_table(Host)
+    fields = [Host._meta.get_field(name) for name in ("id", *_SESSION_COLUMNS)]
+    row = sql_values_row("uuid", *_SESSION_COLUMNS.values())
+    params: list[Any] = []
+    for host in hosts:
+        params += [field.get_db_prep_save(getattr(host, field.attname), connection) for field in fields]  # type: ignore[union-attr]
+    names = ", ".join(sql_column(Host, name) for name in ("id", *_SESSION_COLUMNS))
+    assignments = ", ".join(
+        f"{sql_column(Host, name)} = opened.{sql_column(Host, name)}" for name in _SESSION_COLUMNS
+    )
+    sql = (
+        f"WITH opened ({names}) AS (VALUES {', '.join([row] * len(hosts))}) "
+        f"UPDATE {table} SET {assignments} FROM opened "
+        f"WHERE {table}.{sql_column(Host, 'id')} = opened.{sql_column(Host, 'id')}"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
 
 
 def host_ready(*, host_id: uuid.UUID, channel_name: str, payload: protocol.ReadyPayload) -> None:

@@ -39,9 +39,16 @@ STRIKE_WINDOW = timedelta(days=30)
 # ---- sessions and uptime ------------------------------------------------------
 
 
-def session_start(*, host_id: uuid.UUID, channel_name: str, now: datetime) -> None:
-    HostSession.objects.filter(host_id=host_id, ended_at__isnull=True).update(ended_at=now)
-    HostSession.objects.create(host_id=host_id, channel_name=channel_name, started_at=now)
+def sessions_start(*, started: Sequence[tuple[uuid.UUID, str]], now: datetime) -> None:
+    """Open a session for each (host, channel) connection, closing the host's open one."""
+    if started:
+        HostSession.objects.filter(
+            host_id__in={host_id for host_id, _ in started}, ended_at__isnull=True
+        ).update(ended_at=now)
+        HostSession.objects.bulk_create(
+            HostSession(host_id=host_id, channel_name=channel_name, started_at=now)
+            for host_id, channel_name in started
+        )
 
 
 def sessions_end(*, ended: Sequence[tuple[uuid.UUID, str]], now: datetime | None = None) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -10,9 +11,9 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from hearth_agent import protocol
-from marketplace.gateway.consumers import _hello_accept, _ready_and_claim
+from marketplace.gateway.consumers import _hello_accept, _hellos_accept, _hellos_write, _ready_and_claim
 from marketplace.hosts.models import Host
-from marketplace.hosts.services import SessionGone, hosts_disconnect
+from marketplace.hosts.services import SessionGone, SessionOpening, hosts_disconnect
 from marketplace.trust.models import HostSession
 from tests.factories import HostFactory, host_with_token
 from tests.frames import hello_payload
@@ -89,3 +90,52 @@ def test_many_sessions_ending_at_once_cost_the_statements_of_one() -> None:
     assert len(_statements(twenty)) == len(_statements(one)) <= 9, _statements(twenty)
     assert not Host.objects.filter(status=Host.Status.ONLINE).exists()
     assert not HostSession.objects.filter(ended_at__isnull=True).exists()
+
+
+def _opening(token: str, channel_name: str, **unchecked: Any) -> SessionOpening:
+    """A hello of `token` on `channel_name`; `unchecked` values bypass the protocol's validation."""
+    hello = protocol.HelloPayload.model_construct(**{**hello_payload().model_dump(), **unchecked})
+    return SessionOpening(token, channel_name, hello)
+
+
+def test_many_hellos_at_once_cost_the_statements_of_one_and_each_gets_its_own_answer() -> None:
+    tokens = [_offline_host()[1] for _ in range(21)]
+    with CaptureQueriesContext(connection) as one:
+        first = _hellos_accept([_opening(tokens[0], "chan.0")])
+    openings = [_opening(token, f"chan.{i}") for i, token in enumerate(tokens[1:], 1)]
+    openings.insert(5, _opening("ht_not-a-token", "chan.unknown"))
+    with CaptureQueriesContext(connection) as twenty:
+        answers = _hellos_accept(openings)
+    assert len(_statements(twenty)) == len(_statements(one)) <= 5, _statements(twenty)
+    assert answers[5] is None
+    del answers[5], openings[5]
+    assert first[0] is not None and all(answer is not None for answer in answers)
+    channels = dict(Host.objects.values_list("pk", "channel_name"))
+    assert [channels[answer[0]] for answer in answers if answer] == [o.channel_name for o in openings]
+    assert HostSession.objects.filter(ended_at__isnull=True).count() == 21
+
+
+def test_a_host_that_says_hello_twice_in_one_batch_keeps_its_later_connection(
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    host, token = _offline_host()
+    with django_capture_on_commit_callbacks() as callbacks:
+        answers = _hellos_accept([_opening(token, "chan.early"), _opening(token, "chan.late")])
+    assert [answer[0] if answer else None for answer in answers] == [host.pk, host.pk]
+    host.refresh_from_db()
+    assert host.channel_name == "chan.late"
+    assert list(
+        HostSession.objects.filter(host=host, ended_at__isnull=True).values_list("channel_name", flat=True)
+    ) == ["chan.late"]
+    assert len(callbacks) == 1  # the early socket is told it was replaced, once the batch commits
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_hello_that_cannot_be_recorded_closes_only_its_own_socket_not_the_others_in_its_batch() -> None:
+    (good, good_token), (_, bad_token) = _offline_host(), _offline_host()
+    openings = [_opening(good_token, "chan.good"), _opening(bad_token, "chan.bad", slots=-1)]
+    answers = asyncio.run(_hellos_write(openings))
+    assert isinstance(answers[1], Exception)
+    assert answers[0] is not None and not isinstance(answers[0], Exception) and answers[0][0] == good.pk
+    assert Host.objects.get(pk=good.pk).channel_name == "chan.good"
+    assert Host.objects.get(channel_name="").status == Host.Status.OFFLINE

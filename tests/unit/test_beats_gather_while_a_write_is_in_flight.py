@@ -38,7 +38,7 @@ def test_a_lone_item_is_written_at_once_without_waiting_for_a_timer() -> None:
 def test_items_added_during_a_write_go_together_in_the_next_one_and_each_waits_for_its_own() -> None:
     async def scenario() -> tuple[list[list[int]], list[bool]]:
         store = SlowStore()
-        batches = Coalescer(store.write)
+        batches: Coalescer[int, None] = Coalescer(store.write)
         first = asyncio.ensure_future(batches.add(0))
         await asyncio.sleep(0.01)  # the first write is in flight, held at the gate
         rest = [asyncio.ensure_future(batches.add(n)) for n in range(1, 50)]
@@ -56,7 +56,7 @@ def test_items_added_during_a_write_go_together_in_the_next_one_and_each_waits_f
 def test_a_failed_write_raises_in_every_waiter_of_its_batch_and_the_next_batch_still_goes() -> None:
     async def scenario() -> tuple[list[object], list[list[int]]]:
         store = SlowStore(fail_on=2)
-        batches = Coalescer(store.write)
+        batches: Coalescer[int, None] = Coalescer(store.write)
         first = asyncio.ensure_future(batches.add(1))
         await asyncio.sleep(0.01)
         failing = [asyncio.ensure_future(batches.add(n)) for n in (2, 3)]
@@ -75,8 +75,8 @@ def test_each_event_loop_has_its_own_coalescer_for_a_key() -> None:
     async def write(items: list[int]) -> None:
         return None
 
-    async def one() -> Coalescer[int]:
-        same = coalescer("beats", write)
+    async def one() -> Coalescer[int, None]:
+        same: Coalescer[int, None] = coalescer("beats", write)
         assert coalescer("beats", write) is same
         return same
 

@@ -80,12 +80,6 @@ def _hellos_accept(openings: list[host_services.SessionOpening]) -> list[tuple[A
     ]
 
 
-def _hello_accept(
-    *, host_token: str, channel_name: str, hello: protocol.HelloPayload
-) -> tuple[Any, EnergyPolicy] | None:
-    return _hellos_accept([host_services.SessionOpening(host_token, channel_name, hello)])[0]
-
-
 async def _hellos_write(
     openings: list[host_services.SessionOpening],
 ) -> list[tuple[Any, EnergyPolicy] | Exception | None]:

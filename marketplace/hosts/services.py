@@ -122,20 +122,13 @@ class SessionOpening:
     hello: protocol.HelloPayload
 
 
-def host_connect_with_token(
-    *, host_token: str, channel_name: str, hello: protocol.HelloPayload
-) -> Host | None:
-    """`host_authenticate` and `host_connect` in one read of the row, under its lock (a token
-    revoked meanwhile cannot open a session); None when the token is unknown or revoked."""
-    return hosts_connect_with_tokens(openings=[SessionOpening(host_token, channel_name, hello)])[0]
-
-
 @transaction.atomic
 def hosts_connect_with_tokens(*, openings: Sequence[SessionOpening]) -> list[Host | None]:
-    """`host_connect_with_token` of many connections, each statement once for all of them: a
-    reconnect storm opens hundreds of sessions a second. One result per opening, in order. A host
-    named twice keeps its later connection and the earlier is closed as replaced, as if they had
-    come one after the other."""
+    """`host_authenticate` and `host_connect` of many connections in one read of their rows, under
+    their locks (a token revoked meanwhile cannot open a session), each statement once for all of
+    them: a reconnect storm opens hundreds of sessions a second. One result per opening, in order:
+    the host, or None for an unknown or revoked token. A host named twice keeps its later
+    connection and the earlier is closed as replaced, as if they had come one after the other."""
     digests = [secret_digest(opening.host_token) for opening in openings]
     # Locked in one order, so two batches cannot deadlock each other.
     found = {

@@ -51,7 +51,7 @@ def sessions_start(*, started: Sequence[tuple[uuid.UUID, str]], now: datetime) -
         )
 
 
-def sessions_end(*, ended: Sequence[tuple[uuid.UUID, str]], now: datetime | None = None) -> None:
+def sessions_end(*, ended: Sequence[tuple[uuid.UUID, str]], now: datetime) -> None:
     """Close the open sessions of these (host, channel) connections."""
     if ended:
         # A channel names one connection of one host, so matching the two lists apart matches pairs.
@@ -59,7 +59,7 @@ def sessions_end(*, ended: Sequence[tuple[uuid.UUID, str]], now: datetime | None
             host_id__in={host_id for host_id, _ in ended},
             channel_name__in={channel_name for _, channel_name in ended},
             ended_at__isnull=True,
-        ).update(ended_at=now or timezone.now())
+        ).update(ended_at=now)
 
 
 def uptime(*, host: Host, window: timedelta, now: datetime) -> float:

@@ -11,7 +11,7 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from hearth_agent import protocol
-from marketplace.gateway.consumers import _hello_accept, _hellos_accept, _hellos_write, _ready_and_claim
+from marketplace.gateway.consumers import _hellos_accept, _hellos_write, _ready_and_claim
 from marketplace.hosts.models import Host
 from marketplace.hosts.services import SessionGone, SessionOpening, hosts_disconnect
 from marketplace.trust.models import HostSession
@@ -28,6 +28,11 @@ def _offline_host(**fields: Any) -> tuple[Any, str]:
 def _statements(captured: CaptureQueriesContext) -> list[str]:
     # Savepoints are the test's transaction showing through; in production they are BEGIN/COMMIT.
     return [q["sql"] for q in captured.captured_queries if "SAVEPOINT" not in q["sql"]]
+
+
+def _hello_accept(*, host_token: str, channel_name: str, hello: protocol.HelloPayload) -> Any:
+    """One hello, as the gateway records a batch of one."""
+    return _hellos_accept([SessionOpening(host_token, channel_name, hello)])[0]
 
 
 def test_a_hello_checks_the_token_and_opens_the_session_in_five_statements() -> None:

@@ -83,26 +83,48 @@ def _hellos_accept(openings: list[host_services.SessionOpening]) -> list[tuple[A
 async def _hellos_write(
     openings: list[host_services.SessionOpening],
 ) -> list[tuple[Any, EnergyPolicy] | Exception | None]:
-    """Many sockets' hellos in one transaction. Should that fail, each is tried again on its own, so
-    only the hello that cannot be recorded closes its socket."""
+    """Many sockets' hellos in one transaction."""
+    return await _together_or_each(_hellos_accept, openings, "hellos")
+
+
+def _readies_accept(readies: list[host_services.Readying]) -> list[bool]:
+    """Record the `ready` frames; for each, whether its host has anything to claim now: a current
+    connection whose host is unverified (its known-answer tasks come from the bank), or any whose
+    host is verified while a task is queued, as read now (a fresh read, which also refreshes the
+    answer heartbeats use). With nothing queued, a storm of reconnects claims nothing."""
+    answers = host_services.hosts_ready(readies)
+    queued = any(answer.current and answer.verified for answer in answers) and tasks_queued_recently(
+        max_age_s=0.0
+    )
+    return [answer.current and (queued or not answer.verified) for answer in answers]
+
+
+async def _readies_write(readies: list[host_services.Readying]) -> list[bool | Exception]:
+    """Many sockets' `ready` frames in one transaction."""
+    return await _together_or_each(_readies_accept, readies, "ready frames")
+
+
+T = TypeVar("T")
+
+
+async def _together_or_each(
+    accept: Callable[[list[T]], list[R]], items: list[T], what: str
+) -> list[R | Exception]:
+    """`accept(items)` on a database thread, one answer per item. Should that fail, each item is
+    tried again on its own, so only the one that cannot be recorded fails (its answer is the error)."""
     try:
-        return list(await _db(_hellos_accept)(openings))
+        return list(await _db(accept)(items))
     except Exception:
-        if len(openings) == 1:
+        if len(items) == 1:
             raise
-        logger.warning("%d hellos failed together; recording each on its own", len(openings), exc_info=True)
-    answers: list[tuple[Any, EnergyPolicy] | Exception | None] = []
-    for opening in openings:
+        logger.warning("%d %s failed together; recording each on its own", len(items), what, exc_info=True)
+    answers: list[R | Exception] = []
+    for item in items:
         try:
-            answers += await _db(_hellos_accept)([opening])
+            answers += await _db(accept)([item])
         except Exception as exc:
             answers.append(exc)
     return answers
-
-
-def _ready_and_claim(*, host_id: Any, channel_name: str, payload: protocol.ReadyPayload) -> list[Assignment]:
-    host_services.host_ready(host_id=host_id, channel_name=channel_name, payload=payload)
-    return tasks_claim_for_host(host_id=host_id, channel_name=channel_name)
 
 
 def _bearer_token(scope: dict[str, Any]) -> str | None:
@@ -295,11 +317,14 @@ class AgentConsumer(AsyncWebsocketConsumer):
             case protocol.Hello():
                 await self._on_hello(frame.payload)
             case protocol.Ready():
-                await self._assign(
-                    await _db(_ready_and_claim)(
-                        host_id=self.host_id, channel_name=self.channel_name, payload=frame.payload
-                    )
+                # Gathered with the other sockets' ready frames, as hellos are.
+                claim = await coalescer(_readies_write, _readies_write).add(
+                    host_services.Readying(self.host_id, self.channel_name, frame.payload)
                 )
+                if isinstance(claim, Exception):
+                    raise claim
+                if claim:
+                    await self._claim_and_assign()
             case protocol.Heartbeat():
                 await self._on_heartbeat(frame)
             case protocol.TaskResult():

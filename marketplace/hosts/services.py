@@ -11,6 +11,7 @@ from typing import Any
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import connection, transaction
+from django.db.models import Field
 from django.utils import timezone
 
 from hearth_agent import protocol
@@ -211,10 +212,65 @@ def _sessions_write(hosts: list[Host]) -> None:
         cursor.execute(sql, params)
 
 
-def host_ready(*, host_id: uuid.UUID, channel_name: str, payload: protocol.ReadyPayload) -> None:
-    Host.objects.filter(pk=host_id, channel_name=channel_name).update(
-        ready=True, isolation=list(payload.isolation)
+@dataclass(frozen=True)
+class Readying:
+    """A connection's `ready` frame, waiting to be recorded with others that arrived together."""
+
+    host_id: uuid.UUID
+    channel_name: str
+    payload: protocol.ReadyPayload
+
+
+@dataclass(frozen=True)
+class ReadyAnswer:
+    current: bool  # the frame's connection is still the host's (a replaced one records nothing)
+    verified: bool
+
+
+@transaction.atomic
+def hosts_ready(readies: list[Readying]) -> list[ReadyAnswer]:
+    """Mark the hosts of these connections ready, with the sandbox layers each worker got, in two
+    statements: the rows locked in id order (as every batch of host rows is, so two batches cannot
+    deadlock), then one `UPDATE … FROM (VALUES …)`.
+    For each frame, whether its connection is still current and whether its host is verified.
+    A reconnect storm readies hundreds of hosts a second."""
+    if not readies:
+        return []
+    ids = {ready.host_id for ready in readies}
+    list(Host.objects.select_for_update().filter(pk__in=ids).order_by("pk").values_list("pk", flat=True))
+    table, key = sql_table(Host), sql_column(Host, "id")
+    fields = [Host._meta.get_field(name) for name in ("id", "channel_name", "isolation")]
+    params: list[Any] = []
+    for ready in readies:
+        values = (ready.host_id, ready.channel_name, list(ready.payload.isolation))
+        for field, value in zip(fields, values, strict=True):
+            assert isinstance(field, Field)
+            params.append(field.get_db_prep_save(value, connection))
+    channel, isolation, ready_column = (
+        sql_column(Host, name) for name in ("channel_name", "isolation", "ready")
     )
+    sql = (
+        f"WITH readied (id, channel_name, isolation) AS "
+        f"(VALUES {', '.join([sql_values_row('uuid', '', 'jsonb')] * len(readies))}) "
+        f"UPDATE {table} SET {ready_column} = %s, {isolation} = readied.isolation FROM readied "
+        f"WHERE {table}.{key} = readied.id AND {table}.{channel} = readied.channel_name "
+        f"RETURNING {table}.{key}, {table}.{channel}, {table}.{sql_column(Host, 'verified_at')}"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [*params, True])
+        # The timestamp itself, not `IS NOT NULL`: SQLite 3.40 answered 1 for a NULL there.
+        written = {
+            (row_id if isinstance(row_id, uuid.UUID) else uuid.UUID(str(row_id)), row_channel): verified_at
+            is not None
+            for row_id, row_channel, verified_at in cursor.fetchall()
+        }
+    return [
+        ReadyAnswer(
+            current=(ready.host_id, ready.channel_name) in written,
+            verified=written.get((ready.host_id, ready.channel_name), False),
+        )
+        for ready in readies
+    ]
 
 
 def host_heartbeat(

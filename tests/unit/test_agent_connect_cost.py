@@ -1,4 +1,5 @@
-"""What an agent's connection costs the server's one database thread: hello and ready are one trip each."""
+"""What an agent's connection costs the server's database threads: hellos, ready frames and socket ends
+that arrive together are each one transaction of a few statements."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from hearth_agent import protocol
-from marketplace.gateway.consumers import _hellos_accept, _hellos_write, _ready_and_claim
+from marketplace.gateway.consumers import _hellos_accept, _hellos_write, _readies_accept, _readies_write
 from marketplace.hosts.models import Host
-from marketplace.hosts.services import SessionGone, SessionOpening, hosts_disconnect
+from marketplace.hosts.services import Readying, SessionGone, SessionOpening, hosts_disconnect
+from marketplace.jobs.services import check_job_spec, job_submit
 from marketplace.trust.models import HostSession
 from tests.factories import HostFactory, host_with_token
 from tests.frames import hello_payload
@@ -70,16 +72,53 @@ def test_the_config_frame_after_a_hello_carries_the_owners_policy() -> None:
     assert accepted[1].battery_reserve_pct == 40
 
 
-def test_a_ready_frame_marks_the_host_ready_and_claims_in_one_trip_of_few_statements() -> None:
-    host, token = _offline_host(verified_at=None)
-    _hello_accept(host_token=token, channel_name="chan.new", hello=hello_payload())
-    ready = protocol.ReadyPayload(models=[], free_slots=1)
-    with CaptureQueriesContext(connection) as captured:
-        assignments = _ready_and_claim(host_id=host.pk, channel_name="chan.new", payload=ready)
-    assert assignments == []  # nothing queued, no canary bank in an empty catalog
-    assert len(_statements(captured)) <= 5, _statements(captured)
-    host.refresh_from_db()
-    assert host.ready
+def _ready(host: Any, channel_name: str | None = None, isolation: list[str] | None = None) -> Readying:
+    payload = protocol.ReadyPayload(models=[], free_slots=1, isolation=isolation or [])
+    return Readying(host.pk, channel_name or host.channel_name, payload)
+
+
+def test_many_ready_frames_at_once_cost_the_statements_of_one_and_only_unverified_hosts_claim_when_nothing_is_queued() -> (
+    None
+):
+    verified = [HostFactory.create(ready=False) for _ in range(10)]
+    unverified = [HostFactory.create(ready=False, verified_at=None) for _ in range(10)]
+    replaced = HostFactory.create(ready=False)
+    with CaptureQueriesContext(connection) as one:
+        first = _readies_accept([_ready(verified[0], isolation=["bwrap"])])
+    readies = [_ready(host, isolation=["bwrap", "netns"]) for host in [*verified[1:], *unverified]]
+    readies.append(_ready(replaced, channel_name="chan.before-the-reconnect"))
+    with CaptureQueriesContext(connection) as twenty:
+        claims = _readies_accept(readies)
+    # The rows locked in id order, the one UPDATE, whether anything is queued.
+    assert len(_statements(twenty)) == len(_statements(one)) <= 3, _statements(twenty)
+    assert first == [False]  # verified, nothing queued: nothing to claim
+    assert claims == [False] * 9 + [True] * 10 + [False]  # the unverified get known-answer tasks
+    rows = dict(Host.objects.values_list("pk", "ready"))
+    assert all(rows[host.pk] for host in [*verified, *unverified])
+    assert rows[replaced.pk] is False  # a replaced connection's frame records nothing
+    assert Host.objects.get(pk=verified[1].pk).isolation == ["bwrap", "netns"]
+
+
+def test_ready_frames_of_verified_hosts_claim_when_a_task_is_queued(buyer: Any, catalog: Any) -> None:
+    host = HostFactory.create(ready=False)
+    spec = check_job_spec(model_name="all-MiniLM-L6-v2", inputs=["a", "b"], task_size=2)
+    job_submit(buyer=buyer, spec=spec)
+    assert _readies_accept([_ready(host), _ready(host, channel_name="chan.stale")]) == [True, False]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_ready_frame_that_cannot_be_recorded_fails_only_its_own_socket_not_the_others_in_its_batch() -> (
+    None
+):
+    good = HostFactory.create(ready=False, verified_at=None)
+    bad = HostFactory.create(ready=False)
+    # An id that is no UUID stands for any frame whose write fails.
+    broken = Readying("not-a-host-id", bad.channel_name, protocol.ReadyPayload(models=[], free_slots=1))  # type: ignore[arg-type]
+    answers = asyncio.run(_readies_write([_ready(good), broken]))
+    assert answers[0] is True
+    assert isinstance(answers[1], Exception)
+    assert Host.objects.get(pk=good.pk).ready
+    assert not Host.objects.get(pk=bad.pk).ready
 
 
 def test_many_sessions_ending_at_once_cost_the_statements_of_one() -> None:

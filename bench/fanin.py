@@ -1,8 +1,10 @@
 """Fan-in: one ASGI server process holding many agent websockets, with PostgreSQL and Redis.
 
-    python -m bench.fanin [--agents 10000] [--clients 4] [--storm 1000] [--hold 35] [--no-baseline]
+    python -m bench.fanin [--agents 10000] [--clients 4] [--storm 1000] [--hold 35] [--no-baseline] [--unverified]
 
-Hosts and their tokens are created in bulk through the ORM; then `--clients` processes each open
+Hosts and their tokens are created in bulk through the ORM, verified (as the hosts of a fleet that
+has been serving are; `--unverified`: as new enrollments, each of whose `ready` asks for a
+known-answer task); then `--clients` processes each open
 their share of websockets to one uvicorn process (as devstack starts it) and speak the real
 protocol: hello → welcome → ready, then a heartbeat every HEARTH_HEARTBEAT_INTERVAL_S (10 s) at a
 random phase, each asking for a `heartbeat.ack`. After `--hold` seconds, `--storm` agents drop
@@ -109,8 +111,11 @@ def _setup_django(database_url: str, redis_url: str) -> None:
     call_command("migrate", verbosity=0)
 
 
-def hosts_create(count: int) -> list[str]:
-    """`count` enrolled hosts of one owner, in bulk; returns their plaintext host tokens."""
+def hosts_create(count: int, *, verified: bool = True) -> list[str]:
+    """`count` enrolled hosts of one owner, in bulk (verified, or not yet); returns their plaintext
+    host tokens."""
+    from django.utils import timezone
+
     from marketplace.accounts.models import User
     from marketplace.accounts.tokens import secret_issue
     from marketplace.hosts.models import Host
@@ -124,7 +129,14 @@ def hosts_create(count: int) -> list[str]:
         issued = secret_issue(HOST_TOKEN_KIND)
         tokens.append(issued.plaintext)
         rows.append(
-            Host(owner=owner, name=f"fanin-{i}", token_prefix=issued.prefix, token_digest=issued.digest)
+            Host(
+                owner=owner,
+                name=f"fanin-{i}",
+                token_prefix=issued.prefix,
+                token_digest=issued.digest,
+                verified_at=timezone.now() if verified else None,
+                hardware_ok=True if verified else None,
+            )
         )
     Host.objects.bulk_create(rows, batch_size=1000)
     return tokens
@@ -490,10 +502,11 @@ def run(
     baseline: bool,
     database_url: str,
     redis_url: str,
+    verified: bool = True,
 ) -> dict[str, Any]:
     raise_nofile(agents + 1024)
     _setup_django(database_url, redis_url)
-    tokens = hosts_create(agents)
+    tokens = hosts_create(agents, verified=verified)
     workdir = Path(tempfile.mkdtemp(prefix="hearth-bench-fanin-"))
     base_env = {
         **os.environ,
@@ -517,6 +530,7 @@ def run(
         )
         result: dict[str, Any] = {
             "agents": agents,
+            "hosts_verified": verified,
             "agents_connected": min(coalesced.hosts_online, coalesced.connected_clients),
             "drops": coalesced.drops,
             "heartbeat_p99_ms": round(_percentile(coalesced.rtts_ms, 0.99), 2),
@@ -564,6 +578,9 @@ def main() -> None:
     )
     parser.add_argument("--storm", type=int, default=1000, help="agents dropped and reconnected at once")
     parser.add_argument("--no-baseline", dest="baseline", action="store_false")
+    parser.add_argument(
+        "--unverified", dest="verified", action="store_false", help="hosts not yet verified (new enrollments)"
+    )
     args = parser.parse_args()
     # Stopped (`timeout`, kill): unwind, so the server, the clients and the throwaway services stop too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -586,6 +603,7 @@ def main() -> None:
             baseline=args.baseline,
             database_url=database,
             redis_url=redis_url,
+            verified=args.verified,
         )
     print(json.dumps(result))
 

@@ -1,8 +1,8 @@
 """The agent websocket: authenticate, parse frames, call services, send frames.
 
 A thin interface: every decision lives in hosts/jobs/matching services. The
-consumer claims work for its own host after `ready`, after each result and
-when poked, and sends `task.assign` only after the claim has committed; it
+consumer claims work for its own host after `ready` (when the host is unverified
+or something is queued), after each result and when poked, and sends `task.assign` only after the claim has committed; it
 also forwards the `task.assign` messages a batch round sends to its channel.
 """
 

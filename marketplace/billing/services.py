@@ -225,7 +225,10 @@ def run_payment_reverse(*, run_id: str | uuid.UUID, buyer: User, reason: str = "
     locked = accounts_lock([pending, fees, credit])
     if LedgerTransaction.objects.filter(idempotency_key=key).exists():
         return 0
-    taken = min(pending_entry.amount, locked[pending.pk].balance)
+    # A share that has matured is no longer pending: taking it from the pending balance would take
+    # other runs' shares, which then could not mature. The platform absorbs it.
+    matured = paid.followers.filter(kind=T.MATURE).exists()
+    taken = 0 if matured else min(pending_entry.amount, locked[pending.pk].balance)
     buyer_paid = -sum(e.amount for e in paid.entries.all() if e.account.kind == K.BUYER_ESCROW)
     legs = [(pending, -taken), (credit, buyer_paid), (fees, taken - buyer_paid)]
     if not any(amount for _, amount in legs):
@@ -284,7 +287,8 @@ def escrow_release(*, job_id: str | uuid.UUID, buyer: User) -> int:
 
 
 def earnings_mature(*, now: datetime, withheld_owner_ids: Collection[int] = frozenset()) -> int:
-    """Move each capture's host share older than HEARTH_EARNINGS_HOLD_S from pending to available.
+    """Move each capture's host share older than HEARTH_EARNINGS_HOLD_S from pending to available
+    (what a clawback left of it: a run found wrong before it matured keeps nothing).
 
     Owners in `withheld_owner_ids` (e.g. owners of quarantined hosts) are skipped; their
     earnings stay pending until a later run without them. Returns the minor units moved.
@@ -313,16 +317,28 @@ def earnings_mature(*, now: datetime, withheld_owner_ids: Collection[int] = froz
             key = f"mature:{entry.transaction_id}"
             if LedgerTransaction.objects.filter(idempotency_key=key).exists():
                 continue
+            # What a clawback (the run found wrong) took back from this share is not the host's to keep.
+            clawed = -(
+                Entry.objects.filter(
+                    account=entry.account,
+                    transaction__related=entry.transaction,
+                    transaction__kind=T.CLAWBACK,
+                ).aggregate(total=Sum("amount"))["total"]
+                or 0
+            )
+            amount = entry.amount - clawed
+            if amount <= 0:
+                continue
             ledger_post(
                 kind=T.MATURE,
                 idempotency_key=key,
-                legs=[(entry.account, -entry.amount), (available, entry.amount)],
+                legs=[(entry.account, -amount), (available, amount)],
                 related=entry.transaction,
                 job_id=entry.transaction.job_id,
                 run_id=entry.transaction.run_id,
                 host_id=entry.transaction.host_id,
             )
-            moved += entry.amount
+            moved += amount
     return moved
 
 

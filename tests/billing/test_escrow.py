@@ -19,6 +19,7 @@ from marketplace.billing.services import (
     escrow_hold,
     escrow_release,
     fee_split,
+    run_payment_reverse,
 )
 from tests.billing.conftest import assert_ledger_sound, balance
 
@@ -166,4 +167,38 @@ def test_earnings_mature_after_the_verification_window_except_for_withheld_owner
     assert balance(K.HOST_PENDING, other_host.owner) == 850
     assert earnings_mature(now=later) == 850
     assert balance(K.HOST_AVAILABLE, other_host.owner) == 850
+    assert_ledger_sound()
+
+
+def test_a_share_clawed_back_before_it_matures_never_matures_and_the_hosts_other_shares_still_do(buyer, host):
+    credit(buyer, 2000)
+    job = uuid.uuid4()
+    escrow_hold(job_id=job, buyer=buyer, amount_minor=2000)
+    wrong, right = uuid.uuid4(), uuid.uuid4()
+    capture(job, buyer, host, 1000, run=wrong)
+    capture(job, buyer, host, 1000, run=right)
+    assert run_payment_reverse(run_id=wrong, buyer=buyer, reason="found wrong") == 850
+    later = timezone.now() + timedelta(seconds=3700)
+    assert earnings_mature(now=later) == 850  # the right run's share; the wrong one's is gone
+    assert earnings_mature(now=later) == 0
+    assert (balance(K.HOST_PENDING, host.owner), balance(K.HOST_AVAILABLE, host.owner)) == (0, 850)
+    assert_ledger_sound()
+
+
+def test_a_run_found_wrong_after_its_share_matured_takes_nothing_from_the_hosts_other_pending_shares(
+    buyer, host
+):
+    credit(buyer, 2000)
+    job = uuid.uuid4()
+    escrow_hold(job_id=job, buyer=buyer, amount_minor=2000)
+    wrong = uuid.uuid4()
+    capture(job, buyer, host, 1000, run=wrong)
+    now = timezone.now()
+    assert earnings_mature(now=now + timedelta(seconds=3700)) == 850
+    capture(job, buyer, host, 1000)  # a later run, still pending
+    # The matured share is the platform's loss, not the later run's: that one matures in full.
+    assert run_payment_reverse(run_id=wrong, buyer=buyer, reason="found wrong") == 0
+    assert credit_balance(buyer) == 1000  # the buyer is refunded either way
+    assert earnings_mature(now=now + timedelta(seconds=7400)) == 850
+    assert (balance(K.HOST_PENDING, host.owner), balance(K.HOST_AVAILABLE, host.owner)) == (0, 1700)
     assert_ledger_sound()

@@ -10,7 +10,7 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "marketplace.config.settings")
 
 app = Celery("hearth")
 app.config_from_object("django.conf:settings", namespace="CELERY")
-app.autodiscover_tasks(["marketplace.jobs", "marketplace.billing"])
+app.autodiscover_tasks(["marketplace.jobs", "marketplace.billing", "marketplace.matching"])
 
 
 @app.on_after_finalize.connect

@@ -62,16 +62,15 @@ def on_commit_close(channel_name: str, code: int) -> None:
     on_commit_send(channel_name, {"type": "agent.close", "code": int(code)})
 
 
-def poke(channel_names: list[str]) -> None:
-    """Tell agents' consumers that work may be waiting; each claims for itself."""
-    for channel_name in channel_names:
-        send(channel_name, {"type": "dispatch.poke"})
+def on_commit_dispatch() -> None:
+    """Once the transaction commits, a dispatch round (`dispatch_round`, on the background worker)
+    leases the queued work to the best free hosts and tells each host on its own channel. Not a poke
+    to every live host to claim for itself: with 10,000 hosts, each submit cost 10,000 claims, nearly
+    all of them empty, and the first to ask won, not the best suited."""
 
+    def _enqueue() -> None:
+        from marketplace.matching.tasks import dispatch_round
 
-def on_commit_poke_dispatchable() -> None:
-    def _poke() -> None:
-        from marketplace.hosts.selectors import host_list_dispatchable
+        dispatch_round.delay()
 
-        poke(list(host_list_dispatchable().values_list("channel_name", flat=True)))
-
-    transaction.on_commit(_poke)
+    transaction.on_commit(_enqueue)

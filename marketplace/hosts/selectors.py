@@ -20,10 +20,3 @@ def host_list_for_owner(*, owner: User) -> QuerySet[Host]:
             filter=Q(leased_tasks__status=TaskStatus.LEASED, leased_tasks__role=TaskRole.CANARY),
         ),
     )
-
-
-def host_list_dispatchable() -> QuerySet[Host]:
-    """Hosts with a live, ready connection."""
-    return Host.objects.filter(status=Host.Status.ONLINE, ready=True, revoked_at__isnull=True).exclude(
-        channel_name=""
-    )

@@ -537,4 +537,4 @@ def host_set_draining(*, host_id: uuid.UUID, channel_name: str, payload: protoco
         draining=payload.draining, draining_reason=payload.reason[:200] if payload.draining else ""
     )
     if not payload.draining:
-        notify.on_commit_poke_dispatchable()
+        notify.on_commit_dispatch()

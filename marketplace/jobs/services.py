@@ -245,7 +245,7 @@ def job_submit(*, buyer: User, spec: JobSpec) -> Job:
     Task.objects.bulk_create(planned)
     if job.escrow_minor:
         escrow_hold(job_id=job.pk, buyer=buyer, amount_minor=job.escrow_minor)
-    notify.on_commit_poke_dispatchable()
+    notify.on_commit_dispatch()
     return job
 
 
@@ -366,7 +366,7 @@ def _release_all(tasks: list[Task], *, reason: str | dict[uuid.UUID, str], now: 
             if _task_release(task=task, reason=why, now=now):
                 released += 1
     if released:
-        notify.on_commit_poke_dispatchable()
+        notify.on_commit_dispatch()
     return released
 
 
@@ -541,7 +541,7 @@ def task_fail(*, host_id: uuid.UUID, payload: protocol.TaskFailedPayload) -> Res
     Host.objects.filter(pk=host_id).update(tasks_failed=F("tasks_failed") + 1)
     status = _task_release(task=task, reason=reason, now=timezone.now())
     if status == TaskStatus.QUEUED:
-        notify.on_commit_poke_dispatchable()
+        notify.on_commit_dispatch()
     return ResultOutcome(bool(status), "" if status else "lease moved on")
 
 
@@ -554,7 +554,7 @@ def task_release(*, host_id: uuid.UUID, payload: protocol.TaskReleasePayload) ->
     reason = f"released by the agent: {payload.reason}"[:2000]
     moved = _task_requeue(task=task, reason=reason, refund_attempt=True)
     if moved:
-        notify.on_commit_poke_dispatchable()
+        notify.on_commit_dispatch()
     return ResultOutcome(moved, "" if moved else "lease moved on")
 
 

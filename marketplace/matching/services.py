@@ -9,12 +9,13 @@ A round's free slots are shared out among buyers first (`fair_shares`: the
 buyer with the fewest tasks in flight goes next); within a buyer, higher
 priority, then older jobs, go first.
 
-Two ways in: `tasks_claim_for_host` (one host, from its own socket) and
-`tasks_claim_batch` (every online verified host with free slots in one round,
-the hosts chosen per task by `match_score`). The per-host claim is still the
-live path: nothing calls the batch round on a schedule yet, because neither
-path locks the host row, so a round running beside a host's own claim could
-give that host more tasks than it has slots.
+Two ways in: `tasks_claim_for_host` (one host, from its own socket: after
+`ready`, after each result, when its energy state changes) and
+`tasks_claim_batch` (the online verified hosts with free slots in one round,
+the hosts chosen per task by `match_score`), which `dispatch_round` runs after
+any commit that queues work (a submit, a requeue, a host verified). Both lock
+the host rows they fill (the round skips the locked ones), so the two never
+give one host more tasks than it has slots.
 """
 
 from __future__ import annotations
@@ -83,7 +84,9 @@ def tasks_claim_for_host(
     """
     now = now or timezone.now()
     with transaction.atomic():
-        found = Host.objects.filter(
+        # The row locked: a batch round (which skips locked hosts) and this claim never both count
+        # the host's free slots and fill them twice over.
+        found = Host.objects.select_for_update().filter(
             pk=host_id, channel_name=channel_name, status=Host.Status.ONLINE, revoked_at__isnull=True
         )[:1]  # not `.first()`, whose ORDER BY (never needed for one id) the ORM compiles per claim
         host = next(iter(found), None)
@@ -286,8 +289,9 @@ def tasks_claim_batch(
     can take now (`_fleet_serves`: that work still gets the smallest sample every round).
 
     Unverified hosts are left to `tasks_claim_for_host`, which gives them known-answer tasks one at
-    a time. Locking: the picked tasks are locked `FOR UPDATE SKIP LOCKED` on PostgreSQL (a claim
-    running beside this one skips them) and the round's leases are written by one
+    a time. Locking, on PostgreSQL: the seated hosts' rows and the picked tasks are locked `FOR UPDATE
+    SKIP LOCKED` (a host's own claim, which locks its row, and a round never fill the same slots;
+    a claim running beside this one skips the round's tasks) and the round's leases are written by one
     `UPDATE … WHERE status = 'queued' RETURNING id` per chunk; only rows that moved are assigned.
     """
     now = now or timezone.now()
@@ -432,6 +436,10 @@ def _seats(*, host_ids: list[uuid.UUID] | None, now: datetime, sample: int) -> l
     )
     if host_ids is not None:
         hosts = hosts.filter(pk__in=host_ids)
+    if connection.features.has_select_for_update_skip_locked:
+        # A host whose row another transaction holds (its own claim, a result, a disconnect) sits
+        # this round out rather than make the round wait; its seat is counted under the lock.
+        hosts = hosts.select_for_update(skip_locked=True, of=("self",))
     start = uuid.UUID(int=_random.getrandbits(128))
     picked = list(hosts.filter(pk__gte=start)[:sample])
     if len(picked) < sample:

@@ -196,7 +196,7 @@ def _verify_if_ready(*, host_id: uuid.UUID, now: datetime) -> None:
             now=now,
             always=True,
         )
-        notify.on_commit_poke_dispatchable()
+        notify.on_commit_dispatch()
 
 
 # ---- strikes and quarantine --------------------------------------------------------
@@ -213,7 +213,7 @@ def strike(*, host_id: uuid.UUID, kind: str, evidence: str, task: Task | None = 
     from marketplace.trust.verification import host_unchecked_results_recheck
 
     if settings.HEARTH_RECHECK_AFTER_STRIKE and host_unchecked_results_recheck(host_id=host_id):
-        notify.on_commit_poke_dispatchable()
+        notify.on_commit_dispatch()
     count = strikes_recent(host_id=host_id, now=now)
     if count >= settings.HEARTH_STRIKES_TO_QUARANTINE:
         quarantine(host_id=host_id, reason=f"{count} strikes in 30 days; last: {evidence[:300]}")
@@ -251,7 +251,7 @@ def quarantine_lift(*, host_id: uuid.UUID, reviewer_note: str) -> bool:
         score_update(
             host_id=host_id, reason=f"quarantine lifted by the operator: {reviewer_note}", always=True
         )
-        notify.on_commit_poke_dispatchable()
+        notify.on_commit_dispatch()
     return bool(moved)
 
 

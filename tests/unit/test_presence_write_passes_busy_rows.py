@@ -6,14 +6,11 @@ it) is not renewed."""
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
 import pytest
-from django.db import connection, connections, transaction
+from django.db import connection
 from django.utils import timezone
 
 from marketplace.hosts.models import Host
@@ -23,6 +20,7 @@ from marketplace.jobs.models import Task
 from marketplace.jobs.services import check_job_spec, job_submit, leases_renew_many
 from marketplace.matching.services import tasks_claim_for_host
 from tests.factories import HostFactory
+from tests.locks import held_elsewhere
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
@@ -30,35 +28,11 @@ pytestmark = [
 ]
 
 
-@contextmanager
-def _row_locked_elsewhere(lock: Callable[[], Any]) -> Iterator[None]:
-    """`lock()` runs in another thread's transaction, which holds its row locks until the block ends."""
-    locked, release = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        try:
-            with transaction.atomic():
-                lock()
-                locked.set()
-                release.wait(30)
-        finally:
-            connections.close_all()
-
-    holder = threading.Thread(target=hold)
-    holder.start()
-    try:
-        assert locked.wait(30)
-        yield
-    finally:
-        release.set()
-        holder.join(30)
-
-
 def test_a_presence_write_passes_over_a_locked_host_row_and_writes_its_beat_once_it_is_free() -> None:
     busy, idle = HostFactory.create(), HostFactory.create()
     at = timezone.now() + timedelta(seconds=5)
     beats = [Beat(host.pk, host.channel_name, at) for host in (busy, idle)]
-    with _row_locked_elsewhere(lambda: Host.objects.select_for_update().get(pk=busy.pk)):
+    with held_elsewhere(lambda: Host.objects.select_for_update().get(pk=busy.pk)):
         # Returns at once with the free row written, the locked one passed over.
         assert _hosts_seen_write(beats, skip_locked=True) == {idle.pk}
         assert Host.objects.get(pk=idle.pk).last_seen_at == at
@@ -77,7 +51,7 @@ def test_a_lease_renewal_passes_over_a_task_row_another_transaction_is_changing(
     busy, free = tasks_claim_for_host(host_id=host.pk, channel_name=host.channel_name)
     later = timezone.now() + timedelta(minutes=1)
     held = {(host.pk, later): [str(busy.lease_id), str(free.lease_id)]}
-    with _row_locked_elsewhere(lambda: Task.objects.select_for_update().get(pk=busy.task_id)):
+    with held_elsewhere(lambda: Task.objects.select_for_update().get(pk=busy.task_id)):
         assert leases_renew_many(held=held) == 1
     renewed = dict(
         Task.objects.filter(pk__in=[busy.task_id, free.task_id]).values_list("pk", "lease_expires_at")

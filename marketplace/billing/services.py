@@ -287,23 +287,26 @@ def escrow_release(*, job_id: str | uuid.UUID, buyer: User) -> int:
 
 
 def earnings_mature(*, now: datetime, withheld_owner_ids: Collection[int] = frozenset()) -> int:
-    """Move each capture's host share older than HEARTH_EARNINGS_HOLD_S from pending to available
-    (what a clawback left of it: a run found wrong before it matured keeps nothing).
+    """Move each run's host share (paid by the buyer, or by the platform for a check it added) older
+    than HEARTH_EARNINGS_HOLD_S from pending to available. A share clawed back first (the run was
+    found wrong) never matures: the clawback took all of it, since an unmatured share is still in
+    the pending balance it takes from.
 
     Owners in `withheld_owner_ids` (e.g. owners of quarantined hosts) are skipped; their
     earnings stay pending until a later run without them. Returns the minor units moved.
-    Idempotent per capture; safe to run concurrently.
+    Idempotent per share; safe to run concurrently.
     """
     cutoff = now - timedelta(seconds=settings.HEARTH_EARNINGS_HOLD_S)
+    ended = (T.MATURE, T.CLAWBACK)
     due = (
         Entry.objects.filter(
             account__kind=K.HOST_PENDING,
             amount__gt=0,
-            transaction__kind=T.CAPTURE,
+            transaction__kind__in=(T.CAPTURE, T.PLATFORM_RUN),
             transaction__created_at__lte=cutoff,
         )
         .exclude(account__owner_id__in=list(withheld_owner_ids))
-        .exclude(transaction__followers__kind=T.MATURE)
+        .exclude(transaction__followers__kind__in=ended)
         .select_related("account__owner", "transaction")
         .order_by("id")
     )
@@ -314,31 +317,19 @@ def earnings_mature(*, now: datetime, withheld_owner_ids: Collection[int] = froz
         with transaction.atomic():
             available = account_get(kind=K.HOST_AVAILABLE, owner=owner, currency=entry.account.currency)
             accounts_lock([entry.account, available])
-            key = f"mature:{entry.transaction_id}"
-            if LedgerTransaction.objects.filter(idempotency_key=key).exists():
-                continue
-            # What a clawback (the run found wrong) took back from this share is not the host's to keep.
-            clawed = -(
-                Entry.objects.filter(
-                    account=entry.account,
-                    transaction__related=entry.transaction,
-                    transaction__kind=T.CLAWBACK,
-                ).aggregate(total=Sum("amount"))["total"]
-                or 0
-            )
-            amount = entry.amount - clawed
-            if amount <= 0:
+            # Matured, or clawed back, since the query read it (both lock the pending account).
+            if entry.transaction.followers.filter(kind__in=ended).exists():
                 continue
             ledger_post(
                 kind=T.MATURE,
-                idempotency_key=key,
-                legs=[(entry.account, -amount), (available, amount)],
+                idempotency_key=f"mature:{entry.transaction_id}",
+                legs=[(entry.account, -entry.amount), (available, entry.amount)],
                 related=entry.transaction,
                 job_id=entry.transaction.job_id,
                 run_id=entry.transaction.run_id,
                 host_id=entry.transaction.host_id,
             )
-            moved += amount
+            moved += entry.amount
     return moved
 
 

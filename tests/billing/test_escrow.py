@@ -19,6 +19,7 @@ from marketplace.billing.services import (
     escrow_hold,
     escrow_release,
     fee_split,
+    platform_run_pay,
     run_payment_reverse,
 )
 from tests.billing.conftest import assert_ledger_sound, balance
@@ -201,4 +202,16 @@ def test_a_run_found_wrong_after_its_share_matured_takes_nothing_from_the_hosts_
     assert credit_balance(buyer) == 1000  # the buyer is refunded either way
     assert earnings_mature(now=now + timedelta(seconds=7400)) == 850
     assert (balance(K.HOST_PENDING, host.owner), balance(K.HOST_AVAILABLE, host.owner)) == (0, 1700)
+    assert_ledger_sound()
+
+
+def test_a_hosts_share_of_a_check_the_platform_paid_for_matures_like_a_buyers_capture(host):
+    platform_run_pay(
+        run_id=uuid.uuid4(), job_id=uuid.uuid4(), host_owner=host.owner, host_id=host.id, amount_minor=1000
+    )
+    assert balance(K.HOST_PENDING, host.owner) == 850
+    later = timezone.now() + timedelta(seconds=3700)
+    assert earnings_mature(now=later) == 850
+    assert earnings_mature(now=later) == 0
+    assert (balance(K.HOST_PENDING, host.owner), balance(K.HOST_AVAILABLE, host.owner)) == (0, 850)
     assert_ledger_sound()

@@ -1,6 +1,6 @@
 """Dispatch at fleet scale: batch rounds (`tasks_claim_batch`) vs one task per transaction, same run.
 
-    python -m bench.dispatch [--hosts 10000] [--tasks 100000] [--buyers 200] [--limit 20000]
+    python -m bench.dispatch [--hosts 10000] [--tasks 100000] [--buyers 200] [--limit 20000] [--rate R]
 
 Seeds simulated hosts (registered, verified, online; varied memory, price, region, power
 reading, benchmark, reliability) and queued tasks across many buyers' jobs with bulk inserts.
@@ -10,9 +10,10 @@ Then, on one thread:
    lease it to the next host), for `--baseline-tasks` tasks → `baseline_tasks_per_s`;
 2. sustained: batch rounds until the queue is empty; between rounds every leased task is marked
    done, as if the hosts had answered (untimed) → `tasks_per_s` (time spent in rounds only);
-3. half load: tasks are submitted on a schedule at half the sustained rate for `--latency-s`
-   seconds while rounds run; a task's latency is the end of the round that leased it minus its
-   scheduled submit time (so waiting behind a running round counts) → `p50/p99_assign_ms`.
+3. half load: tasks are submitted on a schedule at half the sustained rate (or at `--rate` per
+   second, to compare runs at one load) for `--latency-s` seconds while rounds run; a task's
+   latency is the end of the round that leased it minus its scheduled submit time (so waiting
+   behind a running round counts) → `p50/p99_assign_ms`.
 
 PostgreSQL: DATABASE_URL's server (a scratch database is created and dropped), or, without
 DATABASE_URL, a throwaway cluster started here on a free loopback port. The last stdout line is
@@ -261,7 +262,7 @@ def half_load(*, model: Any, buyers: list[Any], rate: float, seconds: float, lim
         (leased_at[task] - at) * 1000 for task, at in submitted.items() if task in leased_at
     )
     round_ms.sort()
-    return {"submitted": len(submitted), "latencies_ms": latencies_ms, "round_ms": round_ms}
+    return {"rate": rate, "submitted": len(submitted), "latencies_ms": latencies_ms, "round_ms": round_ms}
 
 
 def _buyers_and_hosts(pipe: Any, job_ids: list[uuid.UUID], start: float, rate: float, seconds: float) -> None:
@@ -316,6 +317,7 @@ def run(
     limit: int,
     baseline_tasks: int,
     latency_s: float,
+    rate: float | None = None,
     seed: int = 7,
 ) -> dict[str, Any]:
     """The whole benchmark on the database Django points at; the figures as one dict."""
@@ -339,7 +341,7 @@ def run(
         load = half_load(
             model=model,
             buyers=made_buyers,
-            rate=max(1.0, tasks_per_s / 2),
+            rate=rate or max(1.0, tasks_per_s / 2),
             seconds=latency_s,
             limit=limit,
         )
@@ -363,6 +365,7 @@ def run(
         "batch_seconds": round(batch["seconds"], 2),
         "baseline_assigned": baseline_done,
         "assigned_once": assigned_once,
+        "half_load_rate": round(load["rate"], 1),
         "half_load_submitted": load["submitted"],
         "half_load_assigned": len(latencies),
         "half_load_rounds": len(load["round_ms"]),
@@ -384,6 +387,9 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=20_000, help="tasks a batch round leases at most")
     parser.add_argument("--baseline-tasks", type=int, default=3000)
     parser.add_argument("--latency-s", type=float, default=10.0)
+    parser.add_argument(
+        "--rate", type=float, help="tasks/s submitted in the latency phase (default: half the sustained rate)"
+    )
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -399,6 +405,7 @@ def main() -> None:
             limit=args.limit,
             baseline_tasks=args.baseline_tasks,
             latency_s=args.latency_s,
+            rate=args.rate,
         )
     for key, value in figures.items():
         print(f"{key:24}{value}", file=sys.stderr)

@@ -188,6 +188,8 @@ HEARTH_DEFAULT_SPOT_FRACTION = env_float("HEARTH_DEFAULT_SPOT_FRACTION", 0.05, m
 HEARTH_REBENCHMARK_S = env_float("HEARTH_REBENCHMARK_S", 24 * 3600.0, minimum=1.0)
 # Besides the periodic re-benchmark, each online host is asked at random, on average this often.
 HEARTH_REBENCHMARK_RANDOM_MEAN_S = env_float("HEARTH_REBENCHMARK_RANDOM_MEAN_S", 12 * 3600.0, minimum=1.0)
+# Hosts asked to measure again in one sweep at most (the rest wait for the next sweeps).
+HEARTH_REBENCHMARK_PER_SWEEP = env_int("HEARTH_REBENCHMARK_PER_SWEEP", 200, minimum=1)
 
 # Job limits.
 HEARTH_DEFAULT_TASK_SIZE = env_int("HEARTH_DEFAULT_TASK_SIZE", 64, minimum=1)

@@ -10,7 +10,6 @@ import secrets
 import uuid
 from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import Any
 
 from django.conf import settings
 from django.core.mail import mail_admins
@@ -315,18 +314,20 @@ def host_benchmark_record(*, host_id: uuid.UUID, report: protocol.BenchmarkRepor
 
 
 def hosts_request_benchmark(*, now: datetime | None = None) -> int:
-    """Ask online hosts to measure again: when their numbers are old, and at random.
+    """Ask online hosts to measure again: when their numbers are old, and at random; at most
+    `HEARTH_REBENCHMARK_PER_SWEEP` a sweep, the oldest numbers first, the rest at the next sweeps.
 
-    One UPDATE and one trip into the event loop for all of them: a fleet that has never measured
-    (thousands of hosts) is asked at once, on the thread every agent's connect waits for."""
+    One UPDATE and one trip into the event loop for all of them. The cap spreads a fleet whose
+    numbers all went stale together (one that reconnected after a deploy a day ago, or one that
+    never measured) over several sweeps: 10,000 requests in one sweep were 10,000 channel sends
+    in one burst on the event loop every socket shares (heartbeat acks waited up to 2 s)."""
     now = now or timezone.now()
     chance = settings.HEARTH_SWEEP_INTERVAL_S / settings.HEARTH_REBENCHMARK_RANDOM_MEAN_S
     stale_before = now - timedelta(seconds=settings.HEARTH_REBENCHMARK_S)
     recently_asked = now - timedelta(seconds=max(60.0, 10 * settings.HEARTH_HEARTBEAT_INTERVAL_S))
     hosts = Host.objects.filter(status=Host.Status.ONLINE, ready=True).exclude(channel_name="")
     hosts = hosts.exclude(benchmark_requested_at__gte=recently_asked)
-    asked: list[tuple[uuid.UUID, str]] = []
-    messages: list[tuple[str, dict[str, Any]]] = []
+    due: list[tuple[datetime | None, uuid.UUID, str, str]] = []
     for host_id, channel_name, measured_at in hosts.values_list("pk", "channel_name", "benchmark_at"):
         if measured_at is None or measured_at < stale_before:
             why = "periodic re-benchmark"
@@ -334,11 +335,15 @@ def hosts_request_benchmark(*, now: datetime | None = None) -> int:
             why = "random re-benchmark"
         else:
             continue
-        asked.append((host_id, channel_name))
-        messages.append((channel_name, {"type": "agent.benchmark", "reason": why}))
+        due.append((measured_at, host_id, channel_name, why))
+    # Never measured first, then the oldest numbers.
+    due.sort(key=lambda ask: (ask[0] is not None, ask[0] or now))
+    asked = due[: settings.HEARTH_REBENCHMARK_PER_SWEEP]
     if asked:
-        Host.objects.filter(pk__in=[host_id for host_id, _ in asked]).update(benchmark_requested_at=now)
-        notify.send_many(messages)
+        Host.objects.filter(pk__in=[host_id for _, host_id, _, _ in asked]).update(benchmark_requested_at=now)
+        notify.send_many(
+            [(channel_name, {"type": "agent.benchmark", "reason": why}) for _, _, channel_name, why in asked]
+        )
     return len(asked)
 
 

@@ -1,11 +1,16 @@
-"""The sweep asks a whole fleet to benchmark in a fixed number of queries, not one UPDATE per host."""
+"""The sweep asks a whole fleet to benchmark in a fixed number of queries, not one UPDATE per host,
+and at most a capped number of hosts a sweep, so a stale fleet is asked over several sweeps."""
 
 from __future__ import annotations
+
+import uuid
+from datetime import timedelta
 
 import pytest
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.db import connection
+from django.test import override_settings
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
@@ -29,3 +34,32 @@ def test_asking_fifty_hosts_that_never_measured_costs_two_queries_and_reaches_ea
     for channel in channels:
         message = async_to_sync(layer.receive)(channel)
         assert message == {"type": "agent.benchmark", "reason": "periodic re-benchmark"}
+
+
+def test_a_sweep_asks_at_most_the_cap_oldest_numbers_first_and_the_next_sweeps_ask_the_rest() -> None:
+    layer = get_channel_layer()
+    assert layer is not None
+    now = timezone.now()
+    never = [fr.host(channel_name=async_to_sync(layer.new_channel)(), benchmark_at=None) for _ in range(3)]
+    stale = [
+        fr.host(
+            channel_name=async_to_sync(layer.new_channel)(), benchmark_at=now - timedelta(days=2, hours=h)
+        )
+        for h in range(4)
+    ]
+    fresh = fr.host(channel_name=async_to_sync(layer.new_channel)(), benchmark_at=now)
+    rounds: list[set[uuid.UUID]] = []
+    with override_settings(HEARTH_REBENCHMARK_PER_SWEEP=3, HEARTH_REBENCHMARK_RANDOM_MEAN_S=1e12):
+        for _ in range(4):
+            asked_before = set(Host.objects.filter(benchmark_requested_at=now).values_list("pk", flat=True))
+            count = hosts_request_benchmark(now=now)
+            asked = set(Host.objects.filter(benchmark_requested_at=now).values_list("pk", flat=True))
+            assert len(asked - asked_before) == count
+            rounds.append(asked - asked_before)
+    assert rounds[0] == {h.pk for h in never}
+    assert rounds[1] == {h.pk for h in stale[1:]}  # 2 days and 3, 2 and 1 hours old: the oldest three
+    assert rounds[2] == {stale[0].pk}
+    assert rounds[3] == set()
+    assert all(fresh.pk not in asked for asked in rounds)
+    for host in [*never, *stale]:
+        assert async_to_sync(layer.receive)(host.channel_name)["type"] == "agent.benchmark"

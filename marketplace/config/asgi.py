@@ -7,6 +7,7 @@ sweeps inside the server process.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 from typing import Any
 
@@ -17,6 +18,9 @@ from django.conf import settings
 from django.core.asgi import get_asgi_application
 
 django_asgi = get_asgi_application()
+# Older generations as CPython sets them (gen1 every 20 young collections here, gen2 after 10 of
+# those, and only when a quarter of the heap is new): see HEARTH_GC_GEN0.
+gc.set_threshold(settings.HEARTH_GC_GEN0, 20, 10)
 
 from marketplace.config import background  # noqa: E402
 from marketplace.dashboard.routing import websocket_urlpatterns as page_websockets  # noqa: E402

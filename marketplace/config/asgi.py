@@ -18,8 +18,8 @@ from django.conf import settings
 from django.core.asgi import get_asgi_application
 
 django_asgi = get_asgi_application()
-# Older generations as CPython sets them (gen1 every 20 young collections here, gen2 after 10 of
-# those, and only when a quarter of the heap is new): see HEARTH_GC_GEN0.
+# See HEARTH_GC_GEN0. gen1 is collected after 20 young collections (CPython: 10), gen2 after 10 of
+# those (as CPython) and only when a quarter of the long-lived objects are new since the last one.
 gc.set_threshold(settings.HEARTH_GC_GEN0, 20, 10)
 
 from marketplace.config import background  # noqa: E402

@@ -16,8 +16,23 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "marketplace.config.settings")
 from channels.routing import ProtocolTypeRouter, URLRouter
 from django.conf import settings
 from django.core.asgi import get_asgi_application
+from django.core.handlers.asgi import ASGIHandler
+from django.core.signals import request_finished
+from django.db import connections
 
 django_asgi = get_asgi_application()
+
+
+def _close_request_connections(sender: Any, **kwargs: Any) -> None:
+    """Under ASGI, Django runs each HTTP request on a thread of its own that ends with the request,
+    so a connection kept open for reuse (CONN_MAX_AGE) is never reused: it stayed open until the
+    garbage collector found it (150 requests: 76 connections left open on PostgreSQL). Closed here,
+    on the request's thread, as the request ends. The test clients' handlers are not ASGIHandlers."""
+    if isinstance(sender, type) and issubclass(sender, ASGIHandler):
+        connections.close_all()
+
+
+request_finished.connect(_close_request_connections, dispatch_uid="hearth-close-request-connections")
 # See HEARTH_GC_GEN0. gen1 is collected after 20 young collections (CPython: 10), gen2 after 10 of
 # those (as CPython) and only when a quarter of the long-lived objects are new since the last one.
 gc.set_threshold(settings.HEARTH_GC_GEN0, 20, 10)

@@ -7,8 +7,8 @@ has been serving are; `--unverified`: as new enrollments, each of whose `ready` 
 known-answer task); then `--clients` processes each open their share of websockets to one
 uvicorn process (as devstack starts it) and speak the real protocol: hello → welcome → ready,
 then a heartbeat every HEARTH_HEARTBEAT_INTERVAL_S (10 s) at a random phase, each asking for a
-`heartbeat.ack`, and a websocket ping every 20 s, as the agent's connection sends. After `--hold` seconds, `--storm` agents drop
-their sockets at the same instant and reconnect at once. Then, unless `--no-baseline`, the server
+`heartbeat.ack`, and a websocket ping every 20 s, as the agent's connection sends. After
+`--hold` seconds, `--storm` agents drop their sockets at the same instant and reconnect at once. Then, unless `--no-baseline`, the server
 is restarted with HEARTH_PRESENCE=db (one UPDATE per heartbeat, the old path) and the same
 agents hold again, to compare database writes.
 
@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import gc
 import json
 import multiprocessing as mp
 import os
@@ -54,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from bench._pg import scratch_database, throwaway_postgres
+from marketplace.config.gc_tuning import collect_young_after
 from marketplace.devstack import SERVER_WS_ARGS, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -366,9 +366,9 @@ class Fleet:
 
 def _client_main(conn: Any, url: str, tokens: list[str], interval_s: float) -> None:
     raise_nofile(len(tokens) + 256)
-    # Collected as the server's are (HEARTH_GC_GEN0): with CPython's default, a client holding 2,500
-    # sockets stopped for 0.7 s in full collections, and the stall counted as heartbeat round trip.
-    gc.set_threshold(50_000, 20, 10)
+    # Collected as the server's are: with CPython's default, a client holding 2,500 sockets stopped
+    # for 0.7 s in full collections, and the stall counted as heartbeat round trip.
+    collect_young_after()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     async def main() -> None:

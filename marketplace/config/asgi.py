@@ -7,7 +7,6 @@ sweeps inside the server process.
 from __future__ import annotations
 
 import asyncio
-import gc
 import os
 from typing import Any
 
@@ -19,6 +18,8 @@ from django.core.asgi import get_asgi_application
 from django.core.handlers.asgi import ASGIHandler
 from django.core.signals import request_finished
 from django.db import connections
+
+from marketplace.config.gc_tuning import collect_young_after
 
 django_asgi = get_asgi_application()
 
@@ -33,9 +34,7 @@ def _close_request_connections(sender: Any, **kwargs: Any) -> None:
 
 
 request_finished.connect(_close_request_connections, dispatch_uid="hearth-close-request-connections")
-# See HEARTH_GC_GEN0. gen1 is collected after 20 young collections (CPython: 10), gen2 after 10 of
-# those (as CPython) and only when a quarter of the long-lived objects are new since the last one.
-gc.set_threshold(settings.HEARTH_GC_GEN0, 20, 10)
+collect_young_after(settings.HEARTH_GC_GEN0)
 
 from marketplace.config import background  # noqa: E402
 from marketplace.dashboard.routing import websocket_urlpatterns as page_websockets  # noqa: E402

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import dj_database_url
 
+from marketplace.config import gc_tuning
 from marketplace.config.env import (
     ImproperEnvironment,
     env_bool,
@@ -169,7 +170,7 @@ HEARTH_GATEWAY_DB_THREADS = env_int("HEARTH_GATEWAY_DB_THREADS", 4 if DATABASE_U
 # 700, the objects of every heartbeat in flight were promoted, and at 10,000 sockets full
 # collections of ~1.6M objects stopped the event loop for 1.4 to 1.8 s every ~7 s (bench.fanin with a
 # gc callback); with 50,000, none ran in a 60 s hold and heartbeat p99 fell from 2.4 s to 31 ms.
-HEARTH_GC_GEN0 = env_int("HEARTH_GC_GEN0", 50_000, minimum=1)
+HEARTH_GC_GEN0 = env_int("HEARTH_GC_GEN0", gc_tuning.GEN0, minimum=1)
 # A socket must send its hello (which carries the token check) this soon after it opens, or it is
 # closed: the token is checked with the hello, so an unchecked socket is held open only this long.
 HEARTH_HELLO_TIMEOUT_S = env_float("HEARTH_HELLO_TIMEOUT_S", 30.0, minimum=0.1)

@@ -19,7 +19,7 @@ from django.core.handlers.asgi import ASGIHandler
 from django.core.signals import request_finished
 from django.db import connections
 
-from marketplace.config.gc_tuning import collect_young_after
+from marketplace.config.gc_tuning import collect_young_after, hand_over_gil_after
 
 django_asgi = get_asgi_application()
 
@@ -35,6 +35,7 @@ def _close_request_connections(sender: Any, **kwargs: Any) -> None:
 
 request_finished.connect(_close_request_connections, dispatch_uid="hearth-close-request-connections")
 collect_young_after(settings.HEARTH_GC_GEN0)
+hand_over_gil_after(settings.HEARTH_GIL_SWITCH_MS)
 
 from marketplace.config import background  # noqa: E402
 from marketplace.dashboard.routing import websocket_urlpatterns as page_websockets  # noqa: E402

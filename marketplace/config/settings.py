@@ -171,6 +171,9 @@ HEARTH_GATEWAY_DB_THREADS = env_int("HEARTH_GATEWAY_DB_THREADS", 4 if DATABASE_U
 # collections of ~1.6M objects stopped the event loop for 1.4 to 1.8 s every ~7 s (bench.fanin with a
 # gc callback); with 50,000, none ran in a 60 s hold and heartbeat p99 fell from 2.4 s to 31 ms.
 HEARTH_GC_GEN0 = env_int("HEARTH_GC_GEN0", gc_tuning.GEN0, minimum=1)
+# The server process's GIL switch interval, in ms (CPython: 5): how long a running thread keeps the
+# GIL once another asks for it. The event loop gives it up at every system call (gc_tuning).
+HEARTH_GIL_SWITCH_MS = env_float("HEARTH_GIL_SWITCH_MS", gc_tuning.GIL_SWITCH_MS, minimum=0.05)
 # A socket must send its hello (which carries the token check) this soon after it opens, or it is
 # closed: the token is checked with the hello, so an unchecked socket is held open only this long.
 HEARTH_HELLO_TIMEOUT_S = env_float("HEARTH_HELLO_TIMEOUT_S", 30.0, minimum=0.1)

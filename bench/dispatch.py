@@ -34,6 +34,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from bench._args import positive_float, positive_int
+
 # Tasks per second BOINC's scheduler reports handing out (the figure the issue compares with).
 BOINC_TASKS_PER_S = 102.0
 REGIONS = ("", "", "eu-west", "us-east", "ap-south")
@@ -380,15 +382,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--hosts", type=int, default=10_000)
-    parser.add_argument("--tasks", type=int, default=100_000)
-    parser.add_argument("--buyers", type=int, default=200)
-    parser.add_argument("--jobs", type=int, default=1000)
-    parser.add_argument("--limit", type=int, default=20_000, help="tasks a batch round leases at most")
-    parser.add_argument("--baseline-tasks", type=int, default=3000)
-    parser.add_argument("--latency-s", type=float, default=10.0)
+    parser.add_argument("--hosts", type=positive_int, default=10_000)
+    parser.add_argument("--tasks", type=positive_int, default=100_000)
+    parser.add_argument("--buyers", type=positive_int, default=200)
+    parser.add_argument("--jobs", type=positive_int, default=1000)
     parser.add_argument(
-        "--rate", type=float, help="tasks/s submitted in the latency phase (default: half the sustained rate)"
+        "--limit", type=positive_int, default=20_000, help="tasks a batch round leases at most"
+    )
+    parser.add_argument("--baseline-tasks", type=positive_int, default=3000)
+    parser.add_argument("--latency-s", type=positive_float, default=10.0)
+    parser.add_argument(
+        "--rate",
+        type=positive_float,
+        help="tasks/s submitted in the latency phase (default: half the sustained rate)",
     )
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from bench._args import positive_int
 from marketplace.demo import run
 
 
@@ -24,7 +25,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--items", type=int, default=10_000)
+    parser.add_argument("--items", type=positive_int, default=10_000)
     args = parser.parse_args()
     sys.exit(run(once=True, items=args.items, port=0))
 

@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench._args import positive_float, positive_int
 from bench._pg import scratch_database, throwaway_postgres
 from marketplace.config.gc_tuning import collect_young_after
 from marketplace.devstack import SERVER_WS_ARGS, free_port
@@ -574,13 +575,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--agents", type=int, default=10_000)
-    parser.add_argument("--clients", type=int, default=4, help="client processes")
-    parser.add_argument("--hold", type=float, default=35.0, help="seconds of steady heartbeats measured")
+    parser.add_argument("--agents", type=positive_int, default=10_000)
+    parser.add_argument("--clients", type=positive_int, default=4, help="client processes")
+    parser.add_argument(
+        "--hold", type=positive_float, default=35.0, help="seconds of steady heartbeats measured"
+    )
     parser.add_argument(
         "--settle", type=float, default=HEARTBEAT_S, help="seconds after the ramp, unmeasured"
     )
-    parser.add_argument("--storm", type=int, default=1000, help="agents dropped and reconnected at once")
+    parser.add_argument(
+        "--storm", type=positive_int, default=1000, help="agents dropped and reconnected at once"
+    )
     parser.add_argument("--no-baseline", dest="baseline", action="store_false")
     parser.add_argument(
         "--unverified", dest="verified", action="store_false", help="hosts not yet verified (new enrollments)"

@@ -40,6 +40,7 @@ from marketplace.config.bounded import BoundedCache
 from marketplace.config.sql import sql_column, sql_table, sql_values_row
 from marketplace.gateway import notify
 from marketplace.hosts.models import Host
+from marketplace.hosts.power import METERS
 from marketplace.jobs.models import Job, Task, TaskRole
 from marketplace.jobs.services import job_mark_started
 from marketplace.jobs.states import JOB_ACTIVE, JobStatus, TaskStatus
@@ -251,7 +252,11 @@ BATCH_LIMIT = 2000
 # A round looks at this many hosts per queued task (and at least HOST_SAMPLE_MIN), from a random
 # point in the fleet: the score still picks the best of several, and a round with a handful of new
 # tasks costs a handful of host views, not the whole fleet's (sampling, as Sparrow's schedulers do).
-HOST_SAMPLE_PER_TASK = 4
+# One, not four: a host view cost ~0.1 ms, so four a task made a small round cost more per task than
+# a big one, and under a steady stream the rounds grew with the tasks that waited on them
+# (bench.dispatch at half load: p99 12.5 s with four, 0.12 and 1.2 s with one). A task whose job
+# few hosts can serve may wait a round more when many such tasks arrive together.
+HOST_SAMPLE_PER_TASK = 1
 HOST_SAMPLE_MIN = 32
 # How long a round trusts a reading of whether any host of the fleet could serve a job's shape at
 # all (`_fleet_serves`); the reading only sizes the sample, each round's own hosts decide the rest.
@@ -416,6 +421,33 @@ def _dispatchable_hosts() -> QuerySet[Host]:
     )
 
 
+# The host columns a round reads (its view, its channel, its canary rate, whether it is trusted):
+# a host row has ~50, a dozen of them timestamps, and loading the rest was most of a seat's cost.
+_SEAT_FIELDS = (
+    "id",
+    "channel_name",
+    "ready",
+    "slots",
+    "memory_mb",
+    "draining",
+    "policy",
+    "region",
+    "power_at",
+    "power_source",
+    *METERS,
+    "agent_work_allowed",
+    "agent_work_reason",
+    "quarantined_at",
+    "quarantine_reason",
+    "hardware_ok",
+    "hardware_reason",
+    "verified_at",
+    "benchmark",
+    "reliability",
+    "pass_streak",
+)
+
+
 def _seats(*, host_ids: list[uuid.UUID] | None, now: datetime, sample: int) -> list[_Seat]:
     """The round's hosts: online, verified, with a live connection and free slots; at most `sample`
     of them, read in id order from a random id on (wrapping round), so every host gets its turn."""
@@ -430,6 +462,7 @@ def _seats(*, host_ids: list[uuid.UUID] | None, now: datetime, sample: int) -> l
     )
     hosts = (
         _dispatchable_hosts()
+        .only(*_SEAT_FIELDS)
         .annotate(in_flight=Coalesce(Subquery(leases), 0))
         .filter(in_flight__lt=F("slots"))
         .order_by("pk")

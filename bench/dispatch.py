@@ -411,6 +411,9 @@ def main() -> None:
     )
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from marketplace.config.gc_tuning import collect_young_after
+
+    collect_young_after()  # this process runs the rounds, as the Celery worker does: tuned as it is
 
     from bench._pg import bench_database, setup_django
 

@@ -166,8 +166,8 @@ HEARTH_POWER_INTERVAL_S = env_float("HEARTH_POWER_INTERVAL_S", 10.0, minimum=0.1
 # socket's work still runs in order. PostgreSQL serves several at once, and a connect is mostly
 # waiting on its round trips (bench.fanin); SQLite takes one writer at a time, so one thread there.
 HEARTH_GATEWAY_DB_THREADS = env_int("HEARTH_GATEWAY_DB_THREADS", 4 if DATABASE_URL else 1, minimum=1)
-# The server process collects its youngest objects after this many new ones (CPython: 700). With
-# 700, the objects of every heartbeat in flight were promoted, and at 10,000 sockets full
+# The server and the Celery worker collect their youngest objects after this many new ones (CPython:
+# 700). With 700, the objects of every heartbeat in flight were promoted, and at 10,000 sockets full
 # collections of ~1.6M objects stopped the event loop for 1.4 to 1.8 s every ~7 s (bench.fanin with a
 # gc callback); with 50,000, none ran in a 60 s hold and heartbeat p99 fell from 2.4 s to 31 ms.
 HEARTH_GC_GEN0 = env_int("HEARTH_GC_GEN0", gc_tuning.GEN0, minimum=1)

@@ -30,6 +30,7 @@ def samples(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The host sample each round asks for, one host per queued task (and at least one)."""
     monkeypatch.setattr(services, "HOST_SAMPLE_MIN", 1)
     monkeypatch.setattr(services, "HOST_SAMPLE_PER_TASK", 1)
+    monkeypatch.setattr(services, "HOST_SAMPLE_MAX_PER_TASK", 1)  # not widened for scarce shapes
     asked: list[int] = []
     seats = services._seats
 

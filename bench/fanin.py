@@ -8,9 +8,9 @@ known-answer task); then `--clients` processes each open their share of websocke
 uvicorn process (as devstack starts it) and speak the real protocol: hello → welcome → ready,
 then a heartbeat every HEARTH_HEARTBEAT_INTERVAL_S (10 s) at a random phase, each asking for a
 `heartbeat.ack`, and a websocket ping every 20 s, as the agent's connection sends. After
-`--hold` seconds, `--storm` agents drop their sockets at the same instant and reconnect at once. Then, unless `--no-baseline`, the server
-is restarted with HEARTH_PRESENCE=db (one UPDATE per heartbeat, the old path) and the same
-agents hold again, to compare database writes.
+`--hold` seconds, `--storm` agents drop their sockets at the same instant and reconnect at once.
+Then, unless `--no-baseline`, the server is restarted with HEARTH_PRESENCE=db (one UPDATE per
+heartbeat, the old path) and the same agents hold again, to compare database writes.
 
 PostgreSQL and Redis: DATABASE_URL's server (a scratch database is created and dropped) and
 REDIS_URL, or, when unset, a throwaway PostgreSQL cluster and `redis-server` on free loopback

@@ -1,6 +1,7 @@
-"""How a long-lived process with many sockets collects garbage, so that it does not stop its event
-loop for seconds: the server (`asgi.py`, with HEARTH_GC_GEN0) and bench.fanin's client processes.
-And how often the server's threads hand over the GIL (`asgi.py`, with HEARTH_GIL_SWITCH_MS)."""
+"""How a long-lived process that makes many objects collects garbage, so that it does not stop for
+seconds: the server (`asgi.py`) and the Celery worker (`celery.py`), both with HEARTH_GC_GEN0, and
+the benchmarks' processes that play them (bench.fanin's clients, bench.dispatch). And how often the
+server's threads hand over the GIL (`asgi.py`, with HEARTH_GIL_SWITCH_MS)."""
 
 from __future__ import annotations
 

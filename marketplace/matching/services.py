@@ -378,9 +378,8 @@ def _sample_size(jobs: list[_Waiting], *, limit: int) -> int:
     wanted = 0.0
     for job in jobs:
         share = _SHAPE_SHARES.get(job.shape, 0.0)
-        wanted += job.queued * min(
-            HOST_SAMPLE_MAX_PER_TASK, max(HOST_SAMPLE_PER_TASK, 1 / share if share else 1e9)
-        )
+        per_task = 1 / share if share else HOST_SAMPLE_MAX_PER_TASK
+        wanted += job.queued * min(HOST_SAMPLE_MAX_PER_TASK, max(HOST_SAMPLE_PER_TASK, per_task))
     return max(HOST_SAMPLE_MIN, min(math.ceil(wanted), HOST_SAMPLE_MAX_PER_TASK * limit))
 
 

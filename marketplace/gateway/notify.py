@@ -7,10 +7,14 @@ that a rollback removed.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import threading
+from collections.abc import Callable, Coroutine
 from typing import Any
 
-from asgiref.sync import async_to_sync
+from asgiref.sync import SyncToAsync, async_to_sync
 from channels.layers import get_channel_layer
 from django.db import transaction
 
@@ -21,8 +25,12 @@ def send(channel_name: str, message: dict[str, Any]) -> None:
     layer = get_channel_layer()
     if layer is None or not channel_name:
         return
+
+    async def _send() -> None:
+        await layer.send(channel_name, message)
+
     try:
-        async_to_sync(layer.send)(channel_name, message)
+        _run_sends(_send)
     except Exception:
         logger.warning("could not send %s to %s", message.get("type"), channel_name)
 
@@ -47,7 +55,41 @@ def send_many(messages: list[tuple[str, dict[str, Any]]]) -> None:
             except Exception:
                 logger.warning("could not send %s to %s", message.get("type"), channel_name)
 
-    async_to_sync(_send_all)()
+    _run_sends(_send_all)
+
+
+def _run_sends(sends: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run `sends` (a coroutine function of channel-layer sends) to its end from sync code.
+
+    On a thread the server's event loop handed sync work to (a view, a socket's database work, the
+    in-process background), on that loop: the in-memory layer's queues live there. Anywhere else
+    (the Celery worker, a script), on this process's own loop thread (`_sends_loop`). Not
+    `async_to_sync` there: with no loop above it, it starts a thread and a new event loop for each
+    call, and channels_redis a new Redis connection for each loop. Measured in dispatch rounds on
+    PostgreSQL + Redis: that was ~7 ms of a ~37 ms round (cProfile)."""
+    if getattr(SyncToAsync.threadlocal, "main_event_loop_pid", None) == os.getpid():
+        async_to_sync(sends)()
+    else:
+        asyncio.run_coroutine_threadsafe(sends(), _sends_loop()).result()
+
+
+_loop_lock = threading.Lock()
+_loops: dict[int, asyncio.AbstractEventLoop] = {}  # process id → its sends loop
+
+
+def _sends_loop() -> asyncio.AbstractEventLoop:
+    """This process's event loop for channel-layer sends, running on a daemon thread; started on
+    first use. Keyed by process id: a forked child (a Celery pool process) starts its own, since the
+    parent's thread does not exist in it."""
+    pid = os.getpid()
+    with _loop_lock:
+        loop = _loops.get(pid)
+        if loop is None:
+            loop = asyncio.new_event_loop()
+            threading.Thread(target=loop.run_forever, name="channel-layer-sends", daemon=True).start()
+            _loops.clear()
+            _loops[pid] = loop
+        return loop
 
 
 def on_commit_send_many(messages: list[tuple[str, dict[str, Any]]]) -> None:

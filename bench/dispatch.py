@@ -13,7 +13,11 @@ Then, on one thread:
 3. half load: tasks are submitted on a schedule at half the sustained rate (or at `--rate` per
    second, to compare runs at one load) for `--latency-s` seconds while rounds run; a task's
    latency is the end of the round that leased it minus its scheduled submit time (so waiting
-   behind a running round counts) → `p50/p99_assign_ms`.
+   behind a running round counts) → `p50/p99_assign_ms`;
+4. restricted work: bursts of tasks for a job only a fifth of the fleet may take (region
+   `ap-south`), each placed by rounds back to back → `restricted_rounds_mean/max` (rounds until
+   the whole burst is leased) and `restricted_burst_p50/p99_ms`. A round samples hosts for the work
+   waiting; a sample that fits work most hosts can take would leave such a burst waiting for rounds.
 
 PostgreSQL: DATABASE_URL's server (a scratch database is created and dropped), or, without
 DATABASE_URL, a throwaway cluster started here on a free loopback port. The last stdout line is
@@ -315,6 +319,72 @@ def _buyers_and_hosts(pipe: Any, job_ids: list[uuid.UUID], start: float, rate: f
     connections.close_all()
 
 
+RESTRICTED_REGION = "ap-south"
+
+
+def restricted_bursts(*, model: Any, buyer: Any, bursts: int, size: int, limit: int) -> dict[str, Any]:
+    """`bursts` bursts of up to `size` tasks for a job that only `RESTRICTED_REGION`'s hosts may take,
+    one at a time: each is inserted, then rounds run back to back until none of it is queued (at most
+    50 rounds); the hosts answer between bursts. A burst is at most half of what the region's hosts
+    that fit the model can hold, so every burst fits."""
+    from django.db.models import Sum
+
+    from marketplace.hosts.models import Host
+    from marketplace.jobs.models import Job, Task
+    from marketplace.jobs.states import TaskStatus
+    from marketplace.matching.services import tasks_claim_batch
+
+    hosts_answer()
+    region_slots = (
+        Host.objects.filter(region=RESTRICTED_REGION, memory_mb__gte=model.min_memory_mb).aggregate(
+            n=Sum("slots")
+        )["n"]
+        or 0
+    )
+    size = min(size, region_slots // 2)
+    job = Job.objects.create(
+        buyer=buyer,
+        model=model,
+        task_size=10,
+        items_total=0,
+        max_price_per_1k_minor=100,
+        region=RESTRICTED_REGION,
+    )
+    rounds: list[int] = []
+    burst_ms: list[float] = []
+    placed = 0
+    for burst in range(bursts if size else 0):
+        tasks = []
+        for k in range(burst * size, (burst + 1) * size):
+            task = Task(job=job, index=k, first_item=k * 10, inputs=["item"] * 10, item_count=10)
+            task.billable, task.group = True, task.pk
+            tasks.append(task)
+        began = time.perf_counter()
+        Task.objects.bulk_create(tasks)
+        waiting = Task.objects.filter(job=job, status=TaskStatus.QUEUED)
+        n = 0
+        while n < 50 and waiting.exists():
+            tasks_claim_batch(limit=limit)
+            n += 1
+        burst_ms.append((time.perf_counter() - began) * 1000)
+        rounds.append(n)
+        placed += (
+            Task.objects.filter(pk__in=[task.pk for task in tasks]).exclude(status=TaskStatus.QUEUED).count()
+        )
+        hosts_answer()
+    burst_ms.sort()
+    return {
+        "restricted_bursts": len(rounds),
+        "restricted_burst_tasks": size,
+        "restricted_submitted": size * len(rounds),
+        "restricted_placed": placed,
+        "restricted_rounds_mean": round(sum(rounds) / len(rounds), 2) if rounds else None,
+        "restricted_rounds_max": max(rounds, default=None),
+        "restricted_burst_p50_ms": round(_percentile(burst_ms, 0.50), 2),
+        "restricted_burst_p99_ms": round(_percentile(burst_ms, 0.99), 2),
+    }
+
+
 def _percentile(values: list[float], q: float) -> float:
     if not values:
         return 0.0
@@ -331,6 +401,7 @@ def run(
     baseline_tasks: int,
     latency_s: float,
     rate: float | None = None,
+    restricted_bursts_n: int = 20,
     seed: int = 7,
 ) -> dict[str, Any]:
     """The whole benchmark on the database Django points at; the figures as one dict."""
@@ -360,6 +431,9 @@ def run(
             seconds=latency_s,
             limit=limit,
         )
+        restricted = restricted_bursts(
+            model=model, buyer=made_buyers[0], bursts=restricted_bursts_n, size=40, limit=limit
+        )
     latencies = load["latencies_ms"]
     baseline_per_s = baseline_done / baseline_s if baseline_s else 0.0
     assigned_once = len(batch["assigned"]) == len(set(batch["assigned"]))
@@ -386,6 +460,7 @@ def run(
         "half_load_rounds": len(load["round_ms"]),
         "half_load_round_p50_ms": round(_percentile(load["round_ms"], 0.50), 2),
         "half_load_round_p99_ms": round(_percentile(load["round_ms"], 0.99), 2),
+        **restricted,
         "left_queued": Task.objects.filter(status="queued").count(),
         "seed_s": round(timings["seed_s"], 1),
     }
@@ -404,6 +479,12 @@ def main() -> None:
     )
     parser.add_argument("--baseline-tasks", type=positive_int, default=3000)
     parser.add_argument("--latency-s", type=positive_float, default=10.0)
+    parser.add_argument(
+        "--bursts",
+        type=positive_int,
+        default=20,
+        help=f"bursts of work only {RESTRICTED_REGION}'s hosts take",
+    )
     parser.add_argument(
         "--rate",
         type=positive_float,
@@ -428,6 +509,7 @@ def main() -> None:
             baseline_tasks=args.baseline_tasks,
             latency_s=args.latency_s,
             rate=args.rate,
+            restricted_bursts_n=args.bursts,
         )
     for key, value in figures.items():
         print(f"{key:24}{value}", file=sys.stderr)

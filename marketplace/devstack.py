@@ -313,6 +313,10 @@ class LocalStack:
             time.sleep(0.2)
         raise TimeoutError(f"{url} did not answer within {timeout}s")
 
+    def server_log(self) -> str:
+        path = self.workdir / "server.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
     def logs(self) -> str:
         return "\n".join(
             f"==== {path.name}\n{path.read_text(errors='replace')[-6000:]}"
@@ -470,7 +474,14 @@ class LocalStack:
         deadline = time.monotonic() + timeout
         with self.client(headers={"Authorization": f"Bearer {api_key}"}) as http:
             while time.monotonic() < deadline:
-                job = http.get(f"/api/v1/jobs/{job_id}").json()
+                answer = http.get(f"/api/v1/jobs/{job_id}")
+                if answer.status_code != 200:
+                    # Named, with the server's own account of it: a bare JSON error said neither.
+                    raise RuntimeError(
+                        f"GET /api/v1/jobs/{job_id} answered {answer.status_code}: {answer.text[:300]!r}\n"
+                        f"server log (end):\n{self.server_log()[-4000:]}"
+                    )
+                job = answer.json()
                 if on_progress is not None:
                     on_progress(job)
                 if job["status"] in {"succeeded", "failed", "cancelled"}:

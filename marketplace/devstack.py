@@ -313,10 +313,6 @@ class LocalStack:
             time.sleep(0.2)
         raise TimeoutError(f"{url} did not answer within {timeout}s")
 
-    def server_log(self) -> str:
-        path = self.workdir / "server.log"
-        return path.read_text(errors="replace") if path.exists() else ""
-
     def logs(self) -> str:
         return "\n".join(
             f"==== {path.name}\n{path.read_text(errors='replace')[-6000:]}"
@@ -479,7 +475,7 @@ class LocalStack:
                     # Named, with the server's own account of it: a bare JSON error said neither.
                     raise RuntimeError(
                         f"GET /api/v1/jobs/{job_id} answered {answer.status_code}: {answer.text[:300]!r}\n"
-                        f"server log (end):\n{self.server_log()[-4000:]}"
+                        f"{self.logs()}"
                     )
                 job = answer.json()
                 if on_progress is not None:

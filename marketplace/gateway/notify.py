@@ -22,17 +22,7 @@ logger = logging.getLogger(__name__)
 
 
 def send(channel_name: str, message: dict[str, Any]) -> None:
-    layer = get_channel_layer()
-    if layer is None or not channel_name:
-        return
-
-    async def _send() -> None:
-        await layer.send(channel_name, message)
-
-    try:
-        _run_sends(_send)
-    except Exception:
-        logger.warning("could not send %s to %s", message.get("type"), channel_name)
+    send_many([(channel_name, message)])
 
 
 def on_commit_send(channel_name: str, message: dict[str, Any]) -> None:
@@ -40,8 +30,9 @@ def on_commit_send(channel_name: str, message: dict[str, Any]) -> None:
 
 
 def send_many(messages: list[tuple[str, dict[str, Any]]]) -> None:
-    """`send` to many channels (each host's own) in one trip into the event loop: a dispatch round
-    may address thousands of hosts, and entering the loop once per send would cost more than the sends."""
+    """Send each message to its channel (each host's own; an empty name is skipped) in one trip into
+    the event loop: a dispatch round may address thousands of hosts, and entering the loop once per
+    send would cost more than the sends. A send that fails is logged and the rest go on."""
     layer = get_channel_layer()
     if layer is None or not messages:
         return

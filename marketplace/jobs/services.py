@@ -506,22 +506,27 @@ def task_result_accept(*, host_id: uuid.UUID, payload: protocol.TaskResultPayloa
 
     Job.objects.select_for_update().filter(pk=task.job_id).first()
     now = timezone.now()
+    result = {
+        "status": TaskStatus.SUCCEEDED,
+        "output": vectors,
+        "output_sha256": payload.output_sha256,
+        "dimension": payload.dimension,
+        "compute_ms": payload.compute_ms,
+        "energy_wh": payload.energy_wh,
+        "energy_source": payload.energy_source or "",
+        "completed_by_id": host_id,
+        "completed_at": now,
+        "lease_expires_at": None,
+    }
     stored = Task.objects.filter(pk=task.pk, status=TaskStatus.LEASED, lease_id=task.lease_id).update(
-        status=TaskStatus.SUCCEEDED,
-        output=vectors,
-        output_sha256=payload.output_sha256,
-        dimension=payload.dimension,
-        compute_ms=payload.compute_ms,
-        energy_wh=payload.energy_wh,
-        energy_source=payload.energy_source or "",
-        completed_by_id=host_id,
-        completed_at=now,
-        lease_expires_at=None,
+        **result
     )
     if not stored:
         return ResultOutcome(False, "lease moved on before the result arrived")
     Host.objects.filter(pk=host_id).update(tasks_completed=F("tasks_completed") + 1)
-    task.refresh_from_db()
+    # The row as just written (this transaction holds it): no read back of the vectors.
+    for field, value in result.items():
+        setattr(task, field, value)
     if task.role == TaskRole.CANARY:
         canary_judge(task=task)
         return ResultOutcome(True)

@@ -75,9 +75,12 @@ def canary_judge(*, task: Task) -> bool:
 
 def _settle(*, primary: Task, output: bytes, now: datetime) -> bool:
     """The primary's output becomes final; True when that finished the job."""
-    moved = Task.objects.filter(pk=primary.pk, settled=False).update(
-        settled=True, output=output, output_sha256=hashlib.sha256(output).hexdigest()
-    )
+    final: dict[str, object] = {"settled": True}
+    if primary.output is None or bytes(primary.output) != output:
+        # Another run's output wins; the primary's own (checked against its sha256 when it came in)
+        # is not written again.
+        final.update(output=output, output_sha256=hashlib.sha256(output).hexdigest())
+    moved = Task.objects.filter(pk=primary.pk, settled=False).update(**final)
     if not moved:
         return False
     Job.objects.filter(pk=primary.job_id).update(items_done=F("items_done") + primary.item_count)

@@ -1,17 +1,22 @@
-"""What claims cost the server's database thread: work it can tell it does not need is skipped (the
-buyers' leases counted when nobody contests the slots), and the outcome is the same."""
+"""What claims and results cost the server's database thread: work it can tell it does not need is
+skipped (the buyers' leases counted when nobody contests the slots, a result's vectors read back
+and written a second time), and the outcome is the same."""
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 
 import marketplace.matching.services as matching
 from marketplace.jobs.models import Task
+from marketplace.jobs.services import task_result_accept
 from marketplace.matching.services import tasks_claim_batch
 from tests.factories import HostFactory
-from tests.fake_runs import claim, job
+from tests.fake_runs import claim, honest, job, payload
 
 pytestmark = pytest.mark.django_db
 
@@ -64,3 +69,22 @@ def test_two_buyers_contesting_one_slot_still_have_their_leases_counted(
     assert leases_counted == [sorted([buyer.pk, other_buyer.pk])]
     # The slot goes to the buyer with nothing in flight, though the other's job is older.
     assert Task.objects.get(pk=assignment.task_id).job.buyer_id == other_buyer.pk
+
+
+def test_a_result_accepted_unchecked_writes_its_vectors_once(buyer: Any, catalog: Any, host: Any) -> None:
+    job(buyer, n=2, task_size=2)
+    [assignment] = claim(host)
+    vectors = honest(assignment.inputs)
+    with CaptureQueriesContext(connection) as captured:
+        outcome = task_result_accept(host_id=host.pk, payload=payload(assignment, vectors))
+    assert outcome.accepted and outcome.job_finished
+    writes = [
+        q["sql"]
+        for q in captured.captured_queries
+        if q["sql"].startswith("UPDATE") and '"output" =' in q["sql"]
+    ]
+    assert len(writes) == 1, writes
+    task = Task.objects.get(pk=assignment.task_id)
+    raw = vectors.astype("<f4").tobytes()
+    assert (task.settled, task.verdict, task.output) == (True, "unchecked", raw)
+    assert task.output_sha256 == hashlib.sha256(raw).hexdigest()

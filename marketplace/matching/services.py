@@ -28,7 +28,7 @@ import uuid
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypedDict
 
 from django.conf import settings
@@ -40,7 +40,7 @@ from django.utils import timezone
 from hearth_agent.policy import is_green
 from marketplace.catalog.models import CatalogModel
 from marketplace.config.bounded import BoundedCache
-from marketplace.config.sql import sql_column, sql_table, sql_values_row
+from marketplace.config.sql import SqlTemplate, sql_column, sql_table, sql_template, sql_value, sql_values_row
 from marketplace.gateway import notify
 from marketplace.hosts.models import Host
 from marketplace.hosts.power import METERS
@@ -65,6 +65,7 @@ from marketplace.trust.scoring import canary_rate
 from marketplace.trust.services import canary_lease, host_trusted
 
 if TYPE_CHECKING:
+    from django.db.models.query import RawQuerySet
     from django_stubs_ext import WithAnnotations  # dev only: types of annotated rows
 
 _random = secrets.SystemRandom()
@@ -345,7 +346,10 @@ def tasks_claim_batch(
         if not runnable:
             return {}
         slots = min(limit, sum(seat.free for seat in seats))
-        candidates = _batch_candidates(seats, now=now).filter(job_id__in=runnable)
+        # What the database would check of a job against the seats (price, memory, region, green,
+        # deadline) `runnable` has: each of its jobs passed `fit_rejection` on some seat and the
+        # deadline as read this round. The database still checks each task, its job and model live.
+        candidates = _queued_work().filter(job_id__in=runnable)
         tasks = _batch_pick(candidates, runnable, slots=slots)
         _batch_place(tasks, seats, fits, now=now)
         moved = _lease_planned(seats, expires=expires, now=now)
@@ -376,23 +380,68 @@ class _Waiting:
 def _waiting_jobs(*, now: datetime) -> dict[uuid.UUID, _Waiting]:
     """Each active job with queued tasks a host may start now, with what its tasks ask of a host and
     how many of them wait: one statement (the jobs found from the queued tasks' own index, each
-    job's queued tasks counted by a probe of it), its model joined in."""
-    jobs = _waiting_job_rows().filter(
-        Q(deadline__isnull=True) | Q(deadline__gt=now) | Q(status=JobStatus.RUNNING)
+    job's queued tasks counted by a probe of it, the model's columns a round reads joined in)."""
+    statement = _waiting_jobs_statement()
+    rows: RawQuerySet[WithAnnotations[Job, _Queued]] = Job.objects.raw(  # type: ignore[assignment]
+        statement.sql, statement.bind(sql_value(Job, "deadline", now))
     )
-    return {job.pk: _Waiting(job=job, shape=task_view(job), queued=job.queued) for job in jobs if job.queued}
+    waiting: dict[uuid.UUID, _Waiting] = {}
+    for job in rows:
+        if job.queued:
+            job.model = CatalogModel.from_db(
+                rows.db,
+                _MODEL_FIELDS,
+                [job.model_id, *(getattr(job, f"model_{name}") for name in _MODEL_FIELDS[1:])],
+            )
+            waiting[job.pk] = _Waiting(job=job, shape=task_view(job), queued=job.queued)
+    return waiting
+
+
+# What a round reads of a job and of its model (`task_view`, the buyers' turns, the assignment).
+_JOB_FIELDS = (
+    "id",
+    "buyer_id",
+    "model_id",
+    "status",
+    "green_only",
+    "max_price_per_1k_minor",
+    "region",
+    "deadline",
+    "created_at",
+)
+# In the model's field order: `from_db` takes the values in that order.
+_MODEL_FIELDS = ("id", "name", "min_memory_mb", "weights_sha256")
 
 
 @functools.cache
-def _waiting_job_rows() -> QuerySet[WithAnnotations[Job, _Queued]]:
-    """`_waiting_jobs` but for the deadline (which moves with the clock): built once per process and
-    chained from, as `_seat_hosts` is."""
+def _waiting_jobs_statement() -> SqlTemplate:
+    """`_waiting_job_rows`, compiled once per process (the deadline, which moves with the clock, bound
+    each round). Compiling it each round cost about as much as running it: `_waiting_jobs` took 5.2
+    ms a round before, 3.4 ms after (its statement ~1.7 ms)."""
+    return sql_template(
+        _waiting_job_rows, (datetime(2001, 1, 1, tzinfo=UTC), datetime(2002, 1, 1, tzinfo=UTC))
+    )
+
+
+def _waiting_job_rows(now: datetime) -> QuerySet[Job]:
+    """What `_waiting_jobs` reads, as the ORM builds it."""
+    return _waiting_jobs_base().filter(
+        Q(deadline__isnull=True) | Q(deadline__gt=now) | Q(status=JobStatus.RUNNING)
+    )
+
+
+@functools.cache
+def _waiting_jobs_base() -> QuerySet[Job]:
+    """`_waiting_job_rows` but for the deadline: the model's columns as annotations (a raw query
+    cannot join a related row), each job's queued tasks counted."""
     queued = Task.objects.filter(status=TaskStatus.QUEUED).exclude(role=TaskRole.CANARY).order_by()
     count = queued.filter(job=OuterRef("pk")).values("job").annotate(n=Count("pk")).values("n")
     return (
         Job.objects.filter(pk__in=queued.values("job_id"), status__in=JOB_ACTIVE, model__is_active=True)
-        .annotate(queued=Subquery(count))
-        .select_related("model")
+        .only(*_JOB_FIELDS)
+        .annotate(
+            queued=Subquery(count), **{f"model_{name}": F(f"model__{name}") for name in _MODEL_FIELDS[1:]}
+        )
         .order_by()
     )
 
@@ -536,13 +585,16 @@ def _seat_hosts() -> QuerySet[WithAnnotations[Host, _InFlight]]:
 def _seats(*, host_ids: list[uuid.UUID] | None, now: datetime, sample: int) -> list[_Seat]:
     """The round's hosts: online, verified, with a live connection and free slots; at most `sample`
     of them, read in id order from a random id on (wrapping round), so every host gets its turn."""
-    hosts = _seat_hosts()
-    if host_ids is not None:
-        hosts = hosts.filter(pk__in=host_ids)
     start = uuid.UUID(int=_random.getrandbits(128))
-    picked = list(hosts.filter(pk__gte=start)[:sample])
-    if len(picked) < sample:
-        picked += hosts.filter(pk__lt=start)[: sample - len(picked)]
+    if host_ids is None:
+        picked = _seat_rows(before=False, start=start, count=sample)
+        if len(picked) < sample:
+            picked += _seat_rows(before=True, start=start, count=sample - len(picked))
+    else:
+        hosts = _seat_hosts().filter(pk__in=host_ids)
+        picked = list(hosts.filter(pk__gte=start)[:sample])
+        if len(picked) < sample:
+            picked += hosts.filter(pk__lt=start)[: sample - len(picked)]
     seats: list[_Seat] = []
     for host in picked:
         # The query above is a cheap first cut; `free_slots` is the rule (power, agent verdict, …).
@@ -553,21 +605,26 @@ def _seats(*, host_ids: list[uuid.UUID] | None, now: datetime, sample: int) -> l
     return seats
 
 
-def _batch_candidates(seats: list[_Seat], *, now: datetime) -> QuerySet[Task]:
-    """The queued tasks at least one of the round's hosts may run, as far as the database can tell
-    for all of them at once; `fit_rejection` decides each pair."""
-    views = [seat.view for seat in seats]
-    candidates = _queued_work().filter(
-        job__max_price_per_1k_minor__gte=min(view.price_per_1k_minor for view in views),
-        job__model__min_memory_mb__lte=max(view.memory_mb for view in views),
+def _seat_rows(*, before: bool, start: uuid.UUID, count: int) -> list[WithAnnotations[Host, _InFlight]]:
+    """Up to `count` of the whole fleet's seat rows in id order from `start` (`before`: below it)."""
+    statement = _seat_statement(before=before)
+    params = statement.bind(sql_value(Host, "id", start), limit=count)
+    return list(Host.objects.raw(statement.sql, params))  # type: ignore[arg-type]
+
+
+@functools.cache
+def _seat_statement(*, before: bool) -> SqlTemplate:
+    """The seats statement of a round over the whole fleet, compiled once per process. Reading 32
+    seats took 9.3 ms a round with the statement compiled each time and 8.3 ms without; most of the
+    rest is running it (~3.3 ms from Python) and turning the rows into hosts."""
+    return sql_template(
+        functools.partial(_seat_rows_from, before=before), (uuid.UUID(int=1), uuid.UUID(int=2)), limited=True
     )
-    candidates = candidates.filter(Q(job__region="") | Q(job__region__in={view.region for view in views}))
-    candidates = candidates.filter(
-        Q(job__deadline__isnull=True) | Q(job__deadline__gt=now) | Q(job__status=JobStatus.RUNNING)
-    )
-    if not any(is_green(view.power) for view in views):
-        candidates = candidates.exclude(job__green_only=True)
-    return candidates
+
+
+def _seat_rows_from(start: uuid.UUID, *, before: bool) -> QuerySet[WithAnnotations[Host, _InFlight]]:
+    """What `_seat_rows` reads, as the ORM builds it (unsliced)."""
+    return _seat_hosts().filter(pk__lt=start) if before else _seat_hosts().filter(pk__gte=start)
 
 
 def _batch_pick(candidates: QuerySet[Task], jobs: dict[uuid.UUID, _Waiting], *, slots: int) -> list[Task]:

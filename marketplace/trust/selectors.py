@@ -32,7 +32,13 @@ def host_trust_summary(*, host: Host) -> dict[str, Any]:
 
 
 def host_reliability(*, host: Host, events: int = 50) -> dict[str, Any]:
+    """The host's standing and its evidence. The strikes are read before the host's counters: the
+    lease sweep counts an expiry on the host row before it records the strike for it, so a report
+    that shows a strike also shows what it counted (read the other way round, with the `host` the
+    caller loaded earlier, a sweep in between gave a strike beside `leases_expired` 0)."""
     now = timezone.now()
+    strikes = list(Strike.objects.filter(host=host)[:50])
+    host.refresh_from_db()
     facts = host_facts(host=host, now=now)
     parts = reliability_score(facts)
     checks = facts.checks_passed + facts.checks_failed
@@ -72,7 +78,7 @@ def host_reliability(*, host: Host, events: int = 50) -> dict[str, Any]:
                 "task_id": s.task_id and str(s.task_id),
                 "at": s.created_at,
             }
-            for s in Strike.objects.filter(host=host)[:50]
+            for s in strikes
         ],
         "events": [
             {

@@ -22,6 +22,7 @@ from marketplace.jobs.services import (
     task_result_accept,
 )
 from marketplace.trust.models import CanaryItem, ReliabilityEvent, Strike
+from marketplace.trust.selectors import host_reliability
 from tests import fake_runs as fr
 from tests.fake_runs import cheat_random, honest
 
@@ -282,3 +283,15 @@ def test_a_quarantined_hosts_owner_keeps_pending_earnings_out_of_the_next_sweep(
     assert quarantine(host_id=quarantined.pk, reason="3 strikes")
     assert owners_with_withheld_earnings() == frozenset({quarantined.owner_id})
     assert honest.owner_id not in owners_with_withheld_earnings()
+
+
+def test_a_reliability_report_that_shows_a_no_answer_strike_also_counts_the_expired_lease(
+    buyer: Any, catalog: Any, host: Any
+) -> None:
+    fr.job(buyer, n=2, task_size=2)
+    fr.claim(host)
+    loaded_before_the_sweep = Host.objects.get(pk=host.pk)  # as a view loads it, then a sweep runs
+    assert leases_requeue_expired(now=timezone.now() + timedelta(days=1)) == 1
+    report = host_reliability(host=loaded_before_the_sweep)
+    assert [s["kind"] for s in report["strikes"]] == ["no_answer"]
+    assert report["counts"]["leases_expired"] == 1

@@ -10,12 +10,15 @@ from typing import Any
 import pytest
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
+from django.db import connection
 from django.test import override_settings
+from django.test.utils import CaptureQueriesContext
 
 from hearth_agent import protocol
 from marketplace.gateway.consumers import AgentConsumer
 from marketplace.jobs.models import Job, Task
 from marketplace.matching.services import Assignment, tasks_claim_batch
+from marketplace.trust.verification import replicas_build
 from tests.fake_runs import claim, host, job
 
 pytestmark = [
@@ -137,6 +140,38 @@ def test_the_runs_of_the_same_inputs_go_to_different_hosts(buyer: Any, catalog: 
     assert sorted(str(Task.objects.get(pk=a.task_id).group) for a in again[other.pk]) == sorted(
         str(g) for g in groups
     )
+
+
+def test_a_rerun_of_a_job_without_verification_never_goes_back_to_the_host_that_ran_the_primary(
+    buyer: Any, catalog: Any
+) -> None:
+    # A recheck after a strike (or a tie-break) adds a replica to a job that asked for no verification.
+    plain = job(buyer, n=1, task_size=1)
+    ran = host(slots=4)
+    assert len(tasks_claim_batch()) == 1
+    primary = Task.objects.get(job=plain)
+    replicas_build(primary=primary, count=1)[0].save(force_insert=True)
+    assert tasks_claim_batch() == {}
+    other = host(slots=4)
+    again = tasks_claim_batch()
+    assert list(again) == [other.pk]
+    assert Task.objects.get(pk=again[other.pk][0].task_id).group == primary.pk
+    assert Task.objects.get(pk=primary.pk).leased_to_id == ran.pk
+
+
+def _reads_group_runs(queries: CaptureQueriesContext) -> bool:
+    return any('SELECT "jobs_task"."group" AS "group"' in query["sql"] for query in queries.captured_queries)
+
+
+@pytest.mark.parametrize("verification", [{}, {"verification": "spot", "spot_fraction": 1.0}])
+def test_a_round_looks_up_earlier_runs_only_for_jobs_whose_inputs_run_more_than_once(
+    buyer: Any, catalog: Any, verification: dict[str, Any]
+) -> None:
+    job(buyer, n=3, task_size=1, **verification)
+    host(slots=8)
+    with CaptureQueriesContext(connection) as queries:
+        assert tasks_claim_batch()
+    assert _reads_group_runs(queries) == bool(verification)
 
 
 def test_a_million_item_job_cannot_starve_a_ten_item_job_of_another_buyer_in_the_first_round(

@@ -63,3 +63,22 @@ def test_a_sweep_asks_at_most_the_cap_oldest_numbers_first_and_the_next_sweeps_a
     assert all(fresh.pk not in asked for asked in rounds)
     for host in [*never, *stale]:
         assert async_to_sync(layer.receive)(host.channel_name)["type"] == "agent.benchmark"
+
+
+def test_a_random_re_benchmark_picks_each_fresh_host_at_the_configured_rate_and_every_host_in_time() -> None:
+    # A sweep interval a quarter of the random mean: each fresh host is asked with probability 1/4 a sweep.
+    hosts = [fr.host(channel_name=f"fresh.{n}", benchmark_at=timezone.now()) for n in range(200)]
+    picked: dict[uuid.UUID, int] = {host.pk: 0 for host in hosts}
+    sweeps = 60
+    with override_settings(HEARTH_SWEEP_INTERVAL_S=1.0, HEARTH_REBENCHMARK_RANDOM_MEAN_S=4.0):
+        for _ in range(sweeps):
+            Host.objects.update(benchmark_requested_at=None)
+            now = timezone.now()
+            count = hosts_request_benchmark(now=now)
+            asked = list(Host.objects.filter(benchmark_requested_at=now).values_list("pk", flat=True))
+            assert len(asked) == count
+            for pk in asked:
+                picked[pk] += 1
+    share = sum(picked.values()) / (sweeps * len(hosts))
+    assert 0.2 < share < 0.3, share
+    assert min(picked.values()) > 0  # a window from a random start reaches every id in time

@@ -331,8 +331,7 @@ def hosts_request_benchmark(*, now: datetime | None = None) -> int:
     hosts = hosts.exclude(benchmark_requested_at__gte=recently_asked)
     stale = Q(benchmark_at__isnull=True) | Q(benchmark_at__lt=stale_before)
     if chance < 1:
-        picked = _random_ids(chance)
-        hosts = hosts.filter(stale | picked) if picked is not None else hosts.filter(stale)
+        hosts = hosts.filter(stale | _random_ids(chance))
     # Never measured first, then the oldest numbers.
     due = hosts.order_by(F("benchmark_at").asc(nulls_first=True)).values_list(
         "pk", "channel_name", "benchmark_at"
@@ -356,19 +355,15 @@ def hosts_request_benchmark(*, now: datetime | None = None) -> int:
 _IDS = 1 << 128
 
 
-def _random_ids(chance: float) -> Q | None:
-    """Host ids in a window of `chance` of the id space from a random start (wrapping round), or None
-    for an empty window: each host is in it with probability `chance`, whatever its id, since the
-    start is drawn from the system's randomness, which no host can predict. The database finds them
-    through the primary key rather than Python drawing a number for every host."""
-    width = int(chance * _IDS)
-    if width == 0:
-        return None
+def _random_ids(chance: float) -> Q:
+    """Host ids in a window of `chance` (below 1) of the id space from a random start, wrapping
+    round: each host is in it with probability `chance`, whatever its id, since the start is drawn
+    from the system's randomness, which no host can predict. The database finds them through the
+    primary key rather than Python drawing a number for every host."""
     start = _random.randrange(_IDS)
-    end = start + width
-    if end <= _IDS:
-        window = Q(pk__gte=uuid.UUID(int=start))
-        return window & Q(pk__lt=uuid.UUID(int=end)) if end < _IDS else window
+    end = start + int(chance * _IDS)
+    if end < _IDS:
+        return Q(pk__gte=uuid.UUID(int=start), pk__lt=uuid.UUID(int=end))
     return Q(pk__gte=uuid.UUID(int=start)) | Q(pk__lt=uuid.UUID(int=end - _IDS))
 
 

@@ -168,6 +168,19 @@ def hosts_answer() -> int:
     )
 
 
+def hosts_read_messages() -> None:
+    """The simulated hosts' sockets read the `task.assign` messages the rounds sent them (not part of
+    any timing). The in-memory channel layer of the process that runs the rounds (no REDIS_URL, as
+    here) keeps each host's channel until a consumer reads it: with none reading, the messages and a
+    queue for each host addressed piled up in that process for its collector to walk (see
+    `_untracked_id`)."""
+    from channels.layers import InMemoryChannelLayer, get_channel_layer
+
+    layer = get_channel_layer()
+    if isinstance(layer, InMemoryChannelLayer):
+        layer.channels.clear()  # its sends have finished: they run to the end on commit
+
+
 def hosts_report_power() -> None:
     """The simulated hosts send a power frame, as live agents do every HEARTH_POWER_INTERVAL_S: a
     reading goes stale after three intervals, and green-only work waits for a fresh one."""
@@ -218,7 +231,7 @@ def sustained(*, limit: int) -> dict[str, Any]:
     """Batch rounds until nothing is left that a host can take; the hosts answer between rounds."""
     from marketplace.matching.services import tasks_claim_batch
 
-    assigned: list[uuid.UUID] = []
+    assigned: list[int] = []  # task ids as ints: see `_untracked_id`
     in_rounds = 0.0
     rounds = 0
     while True:
@@ -226,10 +239,11 @@ def sustained(*, limit: int) -> dict[str, Any]:
         got = tasks_claim_batch(limit=limit)
         in_rounds += time.perf_counter() - started
         rounds += 1
-        leased = [a.task_id for assignments in got.values() for a in assignments]
+        leased = [_untracked_id(a.task_id) for assignments in got.values() for a in assignments]
         if not leased:
             break
         assigned.extend(leased)
+        hosts_read_messages()
         hosts_answer()
         hosts_report_power()
     return {"assigned": assigned, "seconds": in_rounds, "rounds": rounds}
@@ -257,9 +271,9 @@ def half_load(*, model: Any, buyers: list[Any], rate: float, seconds: float, lim
         target=_buyers_and_hosts, args=(theirs, [job.pk for job in jobs], start, rate, seconds)
     )
     side.start()
-    leased_at: dict[uuid.UUID, float] = {}
+    leased_at: dict[int, float] = {}  # task id (`_untracked_id`) → when the round that leased it ended
     round_ms: list[float] = []
-    submitted: dict[uuid.UUID, tuple[float, float]] | None = None
+    submitted: dict[int, tuple[float, float]] | None = None
     while True:
         began = time.perf_counter()
         got = tasks_claim_batch(limit=limit)
@@ -267,7 +281,8 @@ def half_load(*, model: Any, buyers: list[Any], rate: float, seconds: float, lim
         if ended >= start:
             round_ms.append((ended - began) * 1000)
         for assignments in got.values():
-            leased_at.update((a.task_id, ended) for a in assignments)
+            leased_at.update((_untracked_id(a.task_id), ended) for a in assignments)
+        hosts_read_messages()
         if submitted is None and ours.poll():
             submitted = ours.recv()  # the schedule is over
         if submitted is not None and not got and all(task in leased_at for task in submitted):
@@ -304,7 +319,7 @@ def _buyers_and_hosts(pipe: Any, job_ids: list[uuid.UUID], start: float, rate: f
 
     jobs = list(Job.objects.filter(pk__in=job_ids))
     inputs = [f"item {n}" for n in range(10)]
-    submitted: dict[uuid.UUID, tuple[float, float]] = {}  # task → (due on schedule, insert committed)
+    submitted: dict[int, tuple[float, float]] = {}  # task → (due on schedule, insert committed)
     made = 0
     answered = start
     while (now := time.perf_counter()) < start + seconds:
@@ -318,7 +333,8 @@ def _buyers_and_hosts(pipe: Any, job_ids: list[uuid.UUID], start: float, rate: f
             Task.objects.bulk_create(batch)
             inserted = time.perf_counter()
             for k, task in enumerate(batch, start=made):
-                submitted[task.pk] = (start + k / rate, inserted)  # when the buyer submitted it, on schedule
+                # When the buyer submitted it, on schedule; when its insert committed.
+                submitted[_untracked_id(task.pk)] = (start + k / rate, inserted)
             made += due
         if now - answered >= 0.05:
             hosts_answer()
@@ -381,6 +397,7 @@ def restricted_bursts(*, model: Any, buyer: Any, bursts: int, size: int, limit: 
             n += 1
         burst_ms.append((time.perf_counter() - began) * 1000)
         rounds.append(n)
+        hosts_read_messages()
         placed += (
             Task.objects.filter(pk__in=[task.pk for task in tasks]).exclude(status=TaskStatus.QUEUED).count()
         )
@@ -396,6 +413,16 @@ def restricted_bursts(*, model: Any, buyer: Any, bursts: int, size: int, limit: 
         "restricted_burst_p50_ms": round(_percentile(burst_ms, 0.50), 2),
         "restricted_burst_p99_ms": round(_percentile(burst_ms, 0.99), 2),
     }
+
+
+def _untracked_id(task_id: uuid.UUID) -> int:
+    """A task id as the bench keeps it: an int, which the garbage collector does not track (a UUID it
+    does). The bench's own records are not the dispatcher's work: kept as UUIDs, together with the
+    messages no simulated host read (`hosts_read_messages`), they filled the young generation of the
+    process that runs the rounds, and a young collection stopped a round at half load (two in 10 s,
+    of 41 and 18 ms; with the records as ints but the messages kept, one of 43 ms; with neither, none).
+    """
+    return task_id.int
 
 
 def _percentile(values: list[float], q: float) -> float:

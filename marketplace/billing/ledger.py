@@ -12,9 +12,10 @@ from collections.abc import Iterable, Sequence
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
+from django.db.models import F
 
 from marketplace.accounts.models import User
-from marketplace.billing.models import Account, Entry, LedgerTransaction
+from marketplace.billing.models import Account, Entry, JobEscrow, LedgerTransaction
 
 # Balances that are somebody's money: they can never go below zero.
 NON_NEGATIVE_KINDS = frozenset(
@@ -137,4 +138,20 @@ def ledger_post(
             account = locked[pk]
             account.balance += amount
             account.save(update_fields=["balance"])
+            if job_id and account.kind == Account.Kind.BUYER_ESCROW:
+                _job_escrow_add(account, job_id, amount)
         return posted
+
+
+def _job_escrow_add(account: Account, job_id: str, amount: int) -> None:
+    """Keep `JobEscrow` equal to the job's entries on `account`, whose row the caller has locked: no
+    other poster on it runs meanwhile, so the row cannot appear between the update and the insert."""
+    if not JobEscrow.objects.filter(account=account, job_id=job_id).update(left=F("left") + amount):
+        JobEscrow.objects.create(account=account, job_id=job_id, left=amount)
+
+
+def job_escrow_left(account: Account, job_id: str) -> int:
+    """What the job's escrow on `account` (its buyer's escrow) holds now: one row, however many
+    runs the job has paid."""
+    found = JobEscrow.objects.filter(account=account, job_id=job_id).values_list("left", flat=True)
+    return next(iter(found), 0)

@@ -110,6 +110,25 @@ class Entry(models.Model):
         return f"{self.account} {self.amount:+d}"
 
 
+class JobEscrow(models.Model):
+    """What one job's escrow holds now: the sum of the job's entries on its buyer's escrow account,
+    a cache kept by `ledger.ledger_post` under that account's row lock (as `Account.balance` is).
+    A capture reads this row rather than summing every payment the job has had, which made paying
+    a job's n runs cost O(n^2) rows read."""
+
+    account = models.ForeignKey(Account, on_delete=models.PROTECT, related_name="job_escrows")
+    job_id = models.CharField(max_length=64)
+    left = models.BigIntegerField(default=0, help_text="minor units")
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["account", "job_id"], name="billing_one_escrow_per_account_job")
+        ]
+
+    def __str__(self) -> str:
+        return f"escrow of job {self.job_id}: {self.left}"
+
+
 class TopUp(models.Model):
     """A Stripe Checkout Session a buyer opened to buy credit; stored before Stripe is called."""
 

@@ -28,12 +28,12 @@ import stripe
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
-from django.db.models import F, Sum
+from django.db.models import F
 from django.utils import timezone
 
 from marketplace.accounts.models import User
 from marketplace.billing.errors import EscrowExhausted, InsufficientCredit, StripeUnavailable
-from marketplace.billing.ledger import account_get, accounts_lock, ledger_post
+from marketplace.billing.ledger import account_get, accounts_lock, job_escrow_left, ledger_post
 from marketplace.billing.models import (
     Account,
     ConnectAccount,
@@ -96,11 +96,6 @@ def fee_split(amount_minor: int, fee_bps: int) -> tuple[int, int]:
     return fee, amount_minor - fee
 
 
-def _job_escrow_left(escrow: Account, job_id: str) -> int:
-    total = Entry.objects.filter(account=escrow, transaction__job_id=job_id).aggregate(s=Sum("amount"))["s"]
-    return int(total or 0)
-
-
 @transaction.atomic
 def escrow_hold(*, job_id: str | uuid.UUID, buyer: User, amount_minor: int) -> None:
     """Move `amount_minor` (the job's worst case) from the buyer's credit to escrow for the job.
@@ -157,7 +152,7 @@ def escrow_capture(
     key = f"capture:{run}"
     if LedgerTransaction.objects.filter(idempotency_key=key).exists():
         return
-    left = _job_escrow_left(escrow, job)
+    left = job_escrow_left(escrow, job)
     if left < amount_minor:
         raise EscrowExhausted(job, amount_minor, left)
     fee, host_share = fee_split(amount_minor, settings.HEARTH_PLATFORM_FEE_BPS)
@@ -273,7 +268,7 @@ def escrow_release(*, job_id: str | uuid.UUID, buyer: User) -> int:
     credit = account_get(kind=K.BUYER_CREDIT, owner=buyer)
     escrow = account_get(kind=K.BUYER_ESCROW, owner=buyer)
     accounts_lock([credit, escrow])
-    left = _job_escrow_left(escrow, job)
+    left = job_escrow_left(escrow, job)
     if left <= 0:
         return 0
     ledger_post(

@@ -11,7 +11,7 @@ from django.db.models import Sum
 
 from marketplace.billing.fake_stripe import FakeStripe
 from marketplace.billing.ledger import NON_NEGATIVE_KINDS
-from marketplace.billing.models import Account, Entry, LedgerTransaction
+from marketplace.billing.models import Account, Entry, JobEscrow, LedgerTransaction
 from marketplace.billing.services import connect_account_sync, connect_onboarding_start, topup_create
 
 WEBHOOK_SECRET = "whsec_test_hearth"
@@ -93,7 +93,8 @@ def ledger_snapshot() -> list[tuple[Any, ...]]:
 
 
 def assert_ledger_sound() -> None:
-    """Each transaction sums to 0, all entries sum to 0, cached balances match, none forbidden below 0."""
+    """Each transaction sums to 0, all entries sum to 0, cached balances match (each account's, and
+    each job's escrow), none forbidden below 0."""
     unbalanced = (
         Entry.objects.values("transaction_id")
         .annotate(total=Sum("amount"))
@@ -107,6 +108,16 @@ def assert_ledger_sound() -> None:
         assert account.balance == total, account
         if account.kind in NON_NEGATIVE_KINDS:
             assert account.balance >= 0, account
+    per_job = {
+        (row["account_id"], row["transaction__job_id"]): row["left"]
+        for row in Entry.objects.filter(account__kind=Account.Kind.BUYER_ESCROW)
+        .exclude(transaction__job_id="")
+        .values("account_id", "transaction__job_id")
+        .annotate(left=Sum("amount"))
+        .order_by()
+    }
+    assert {(e.account_id, e.job_id): e.left for e in JobEscrow.objects.all()} == per_job
+    assert all(left >= 0 for left in per_job.values()), per_job
 
 
 def balance(kind: str, owner: Any = None) -> int:

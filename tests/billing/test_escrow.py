@@ -7,11 +7,13 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from marketplace.billing.errors import EscrowExhausted, InsufficientCredit
 from marketplace.billing.ledger import account_get, ledger_post
-from marketplace.billing.models import Account, LedgerTransaction
+from marketplace.billing.models import Account, JobEscrow, LedgerTransaction
 from marketplace.billing.services import (
     credit_balance,
     earnings_mature,
@@ -126,6 +128,26 @@ def test_a_capture_beyond_the_jobs_escrow_is_refused(buyer, host):
     with pytest.raises(EscrowExhausted):
         capture(job, buyer, host, 501)  # the other job's escrow is not this job's
     assert balance(K.BUYER_ESCROW, buyer) == 1500
+
+
+def test_a_capture_reads_the_jobs_escrow_left_from_one_row_however_many_runs_the_job_has_paid(buyer, host):
+    credit(buyer, 10_000)
+    job, other_job = uuid.uuid4(), uuid.uuid4()
+    escrow_hold(job_id=job, buyer=buyer, amount_minor=5_000)
+    escrow_hold(job_id=other_job, buyer=buyer, amount_minor=4_000)
+    for _ in range(60):
+        capture(job, buyer, host, 7)
+    with CaptureQueriesContext(connection) as queries:
+        capture(job, buyer, host, 7)
+    # Summing the job's entries grew with every run it had paid: paying n runs read O(n^2) rows.
+    assert not [q["sql"] for q in queries.captured_queries if 'FROM "billing_entry"' in q["sql"]]
+    assert JobEscrow.objects.get(job_id=str(job)).left == 5_000 - 61 * 7
+    assert JobEscrow.objects.get(job_id=str(other_job)).left == 4_000
+    with pytest.raises(EscrowExhausted):
+        capture(job, buyer, host, 5_000 - 61 * 7 + 1)
+    assert escrow_release(job_id=job, buyer=buyer) == 5_000 - 61 * 7
+    assert JobEscrow.objects.get(job_id=str(job)).left == 0
+    assert_ledger_sound()
 
 
 def test_a_failed_task_captures_nothing(buyer, host):

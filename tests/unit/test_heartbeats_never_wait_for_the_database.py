@@ -89,10 +89,17 @@ def test_a_heartbeat_is_acked_and_recorded_while_the_hosts_ready_waits_for_the_d
         assert ack.payload.heartbeat_id == beat.id
         release.set()
         await busy
-        # Queued behind the ready frame's trip (one thread, first come first served).
-        ready = await database_sync_to_async(_is_ready)(host.pk)
+        # On SQLite the sockets share the one database thread, and this read queues behind the ready
+        # frame's trip; on PostgreSQL that trip runs on the sockets' own pool (and the ready frames
+        # are gathered first), so the read may come first: it waits a while for the frame's write.
+        is_ready = False
+        deadline = asyncio.get_running_loop().time() + 10
+        while not is_ready and asyncio.get_running_loop().time() < deadline:
+            is_ready = await database_sync_to_async(_is_ready)(host.pk)
+            if not is_ready:
+                await asyncio.sleep(0.05)
         await socket.disconnect()
-        return waited, recorded, ready
+        return waited, recorded, is_ready
 
     waited, recorded, ready = asyncio.run(scenario())
     assert waited < 2.0  # the database thread was held for up to 30 s

@@ -1,7 +1,15 @@
 from django.contrib import admin
 from django.http import HttpRequest
 
-from marketplace.billing.models import Account, ConnectAccount, LedgerTransaction, Payout, StripeEvent, TopUp
+from marketplace.billing.models import (
+    Account,
+    ConnectAccount,
+    JobEscrow,
+    LedgerTransaction,
+    Payout,
+    StripeEvent,
+    TopUp,
+)
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -22,6 +30,12 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 class AccountAdmin(ReadOnlyAdmin):
     list_display = ("kind", "owner", "currency", "balance")
     list_filter = ("kind", "currency")
+
+
+@admin.register(JobEscrow)
+class JobEscrowAdmin(ReadOnlyAdmin):
+    list_display = ("job_id", "account", "left")
+    search_fields = ("job_id",)
 
 
 @admin.register(LedgerTransaction)

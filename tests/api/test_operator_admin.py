@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 from django.test import Client
 
-from marketplace.billing.models import Account, LedgerTransaction
-from marketplace.billing.services import credit_grant
+from marketplace.billing.models import Account, JobEscrow, LedgerTransaction
+from marketplace.billing.services import credit_grant, escrow_hold
 from marketplace.hosts.models import Host
 from tests.factories import HostFactory, UserFactory
 
@@ -50,3 +50,16 @@ def test_an_operator_quarantines_a_host_and_lifts_it_from_the_host_list(operator
     assert host.quarantined_at is not None
     operator.post("/admin/hosts/host/", {"action": "lift_quarantine", "_selected_action": [str(host.pk)]})
     assert Host.objects.get(pk=host.pk).quarantined_at is None
+
+
+def test_an_operator_sees_each_jobs_escrow_but_cannot_change_it(operator: Client) -> None:
+    buyer: Any = UserFactory(role="buyer")
+    credit_grant(user=buyer, amount_minor=900, key="admin-escrow", memo="trial")
+    escrow_hold(job_id="job-in-admin", buyer=buyer, amount_minor=600)
+    held = JobEscrow.objects.get(job_id="job-in-admin")
+    listing = operator.get("/admin/billing/jobescrow/?q=job-in-admin")
+    assert listing.status_code == 200 and b"job-in-admin" in listing.content and b"600" in listing.content
+    assert operator.get("/admin/billing/jobescrow/add/").status_code == 403
+    operator.post(f"/admin/billing/jobescrow/{held.pk}/change/", {"left": "999999"})
+    assert operator.post(f"/admin/billing/jobescrow/{held.pk}/delete/", {"post": "yes"}).status_code == 403
+    assert JobEscrow.objects.get(pk=held.pk).left == 600
